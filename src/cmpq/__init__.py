@@ -1,0 +1,11 @@
+"""cmpq: channel-wise mixed-precision quantization of LLMs to any average bit-width."""
+
+__version__ = "0.1.0"
+
+from .config import RTNConfig  # noqa: E402
+from .errors import CmpqError  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
+from .models import load_model  # noqa: E402
+from .quantize import quantize  # noqa: E402
+
+__all__ = ["CmpqError", "RTNConfig", "load_model", "perplexity", "quantize", "__version__"]

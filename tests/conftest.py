@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny random-weight models of each architecture, a tiny tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 320
+HIDDEN = 64
+
+
+def _tiny_configs() -> dict:
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4)
+    return {
+        "llama": LlamaConfig(
+            **common, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2
+        ),
+        "mistral": MistralConfig(
+            **common, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2
+        ),
+        "qwen2": Qwen2Config(
+            **common, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2
+        ),
+        "gemma3": Gemma3TextConfig(
+            **common,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=16,
+        ),
+        "phi": PhiConfig(**common, intermediate_size=96, num_hidden_layers=2),
+        "opt": OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_attention_heads=4,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            word_embed_proj_dim=HIDDEN,
+        ),
+        "gpt2": GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_head=4,
+            n_layer=2,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    }
+
+
+ARCHITECTURES = tuple(_tiny_configs())
+
+# Linears per block: attention q,k,v,o + MLP (gate, up, down or fc1, fc2).
+EXPECTED_LINEARS_PER_BLOCK = {
+    "llama": 7,
+    "mistral": 7,
+    "qwen2": 7,
+    "gemma3": 7,
+    "phi": 6,
+    "opt": 6,
+    "gpt2": 4,
+}
+
+
+def make_tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_configs()[arch], dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_model(request):
+    return request.param, make_tiny_model(request.param)
+
+
+TRAINING_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Quantization stores weights in few bits. "
+    "Channels with large activations get more bits than the others. "
+) * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE trained in milliseconds, with BOS and EOS tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([TRAINING_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama with its tokenizer: a local Hugging Face checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text(TRAINING_TEXT)
+    return path

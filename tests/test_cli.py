@@ -1,0 +1,122 @@
+"""The command line: happy paths on a tiny checkpoint, and every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cmpq.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_quantize_then_eval_a_local_checkpoint(capsys, tmp_path, tiny_checkpoint, text_file):
+    out, report = tmp_path / "q", tmp_path / "report.json"
+    code, stdout, _ = run_cli(
+        capsys,
+        "quantize",
+        str(tiny_checkpoint),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+        str(report),
+    )
+    assert code == 0, stdout
+    payload = json.loads(report.read_text())
+    assert payload["effective_bits"] == pytest.approx(5.0)  # 4 + 32 bits per 32 weights
+    assert payload["bits_breakdown"] == {"codes": 4.0, "scales": 1.0}
+    description = json.loads((out / "cmpq.json").read_text())
+    assert description["method"] == "rtn" and description["format_version"] == 1
+
+    result = tmp_path / "eval.json"
+    code, stdout, _ = run_cli(
+        capsys,
+        "eval",
+        str(out),
+        "--dataset",
+        str(text_file),
+        "--seqlen",
+        "16",
+        "--windows",
+        "3",
+        "--json",
+        str(result),
+    )
+    assert code == 0
+    row = json.loads(result.read_text())
+    assert (row["windows"], row["seqlen"], row["tokens"]) == (3, 16, 45)
+    assert f"perplexity {row['ppl']:.4f}" in stdout
+
+
+BAD_INPUTS = [
+    (["eval", "no-such-alias-or-path"], "unknown model 'no-such-alias-or-path'"),
+    (["eval", "./missing/model"], "does not exist"),
+    (["eval", "{text_file}"], "is not a model"),
+    (["eval", "{bad_gguf}"], "could not load a model"),
+    (["eval", "{tiny}", "--dataset", "/no/such/file.txt"], "neither a built-in dataset"),
+    (["eval", "{tiny}", "--dataset", "{empty_file}"], "is empty"),
+    (
+        ["eval", "{tiny}", "--dataset", "{text_file}", "--seqlen", "64", "--windows", "500"],
+        "room for",
+    ),
+    (["quantize", "{tiny}", "--bits", "9", "--out", "{out}"], "integer from 2 to 8"),
+    (["quantize", "{tiny}", "--bits", "1", "--out", "{out}"], "integer from 2 to 8"),
+    (["quantize", "{tiny}", "--group-size", "0", "--out", "{out}"], "positive"),
+    (["quantize", "{tiny}", "--group-size", "-8", "--out", "{out}"], "positive"),
+    (["quantize", "{tiny}", "--out", "{nonempty}"], "not empty; pass --overwrite"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
+def test_bad_input_gives_one_clear_line(
+    capsys, monkeypatch, tmp_path, tiny_checkpoint, text_file, argv, message
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "broken.gguf").write_text("not a gguf file")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "keep.txt").write_text("precious")
+    values = {
+        "tiny": tiny_checkpoint,
+        "text_file": text_file,
+        "bad_gguf": tmp_path / "broken.gguf",
+        "empty_file": tmp_path / "empty.txt",
+        "out": tmp_path / "out",
+        "nonempty": tmp_path / "nonempty",
+    }
+    code, _, err = run_cli(capsys, *[arg.format(**values) for arg in argv])
+    assert code == 2
+    last_line = err.strip().splitlines()[-1]  # progress bars may come before it
+    assert last_line.startswith("error: ") and message in last_line
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # no partial output
+    assert (tmp_path / "nonempty" / "keep.txt").read_text() == "precious"
+
+
+def test_hub_id_without_network_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, _, err = run_cli(capsys, "eval", "some-org/some-model")
+    assert code == 2
+    assert "hub is not reachable" in err
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "cmpq.cli", "eval", str(tmp_path / "nothing-here")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().count("\n") == 0
+    assert "Traceback" not in process.stderr
