@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .allocate import LAYOUTS
+from .calibrate import STATISTICS
+from .data import BUILTIN_DATASETS
+from .errors import CmpqError
 from .rtn import check_rtn_options
+
+MIN_TOTAL_BITS, MAX_TOTAL_BITS = 2.0, 8.0
 
 
 @dataclass(frozen=True)
@@ -25,3 +31,55 @@ class RTNConfig:
 
     def as_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class CMPQConfig:
+    """Channel-wise mixed-precision quantization to ``bits`` *total* stored bits
+    per weight (codes + look-up tables + outliers + metadata).
+
+    The code bits are solved so the total lands just under ``bits``; channels
+    with the largest activation ``statistic`` get the extra bit (paper rule).
+    """
+
+    bits: float = 2.5
+    layout: str = "row"  # "row": table per output row per bit-group; "column": per input column
+    statistic: str = "l2"  # allocation statistic: "l2", "mean_abs" or "max_abs"
+    outliers_act: float = 0.0005  # fraction of weights kept fp16 by activation magnitude
+    outliers_q: float = 0.004  # fraction kept fp16 by activation-weighted quantization error
+    mixed: bool = True  # False: one integer width everywhere (ablation)
+    kmeans_iters: int = 25
+    seed: int = 0
+    calib: str = "c4-train"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    sequential: bool = False
+
+    method = "cmpq"
+
+    def __post_init__(self) -> None:
+        if not MIN_TOTAL_BITS <= self.bits <= MAX_TOTAL_BITS:
+            raise CmpqError(
+                f"--bits must be from {MIN_TOTAL_BITS:g} to {MAX_TOTAL_BITS:g} total bits per "
+                f"weight (got {self.bits})"
+            )
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("statistic", self.statistic, STATISTICS)
+        for name in ("outliers_act", "outliers_q"):
+            value = getattr(self, name)
+            if not 0 <= value <= 0.1:
+                raise CmpqError(
+                    f"--{name.replace('_', '-')} must be a fraction from 0 to 0.1 (got {value})"
+                )
+        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.kmeans_iters < 1:
+            raise CmpqError("--calib-samples and --kmeans-iters must be >= 1, --calib-seqlen >= 2")
+        if self.calib not in BUILTIN_DATASETS and not self.calib:
+            raise CmpqError("--calib must name a dataset")
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CmpqError(f"--{name} must be one of {', '.join(choices)} (got {value!r})")

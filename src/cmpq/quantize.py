@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import RTNConfig
-from .models import quantizable_linears, set_weight_matrix, weight_matrix
+from .allocate import LayerShape, outlier_count, paper_allocation, solve_budget
+from .calibrate import ChannelStats, for_each_block
+from .config import CMPQConfig, RTNConfig
+from .data import load_documents, sample_calibration
+from .errors import CmpqError
+from .lutquant import quantize_layer, stored_bits
+from .models import (
+    block_linears,
+    needs_bos,
+    quantizable_linears,
+    set_weight_matrix,
+    weight_matrix,
+)
+from .qlinear import QuantizedLinear
 from .report import QuantizationReport, peak_rss_bytes
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 
@@ -40,8 +53,86 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, progress: bool = True) -> 
     return report
 
 
-def quantize(model: nn.Module, config, progress: bool = True, **kwargs) -> QuantizationReport:
-    """Quantize ``model`` in place with ``config`` and return what was stored."""
+def calibration_batch(tokenizer, model, config: CMPQConfig) -> torch.Tensor:
+    """The calibration windows ``config`` asks for, sampled with its seed."""
+    bos = tokenizer.bos_token_id if needs_bos(tokenizer, model) else None
+    documents = load_documents(config.calib)
+    return sample_calibration(
+        documents, tokenizer, config.calib_samples, config.calib_seqlen, config.seed, bos
+    )
+
+
+def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, attribute, module)
+
+
+def quantize_cmpq(
+    model: nn.Module,
+    config: CMPQConfig,
+    calibration: torch.Tensor,
+    progress: bool = True,
+) -> QuantizationReport:
+    """CMPQ every decoder linear, replacing each with a :class:`QuantizedLinear`."""
+    start = time.perf_counter()
+    linears = quantizable_linears(model)
+    shapes = [LayerShape(*weight_matrix(m).shape) for m in linears.values()]
+    outlier_fraction = config.outliers_act + config.outliers_q
+    try:
+        budget = solve_budget(shapes, config.bits, config.layout, outlier_fraction, config.mixed)
+    except ValueError as exc:
+        raise CmpqError(str(exc)) from None
+    report = QuantizationReport(method=config.method, config=config.as_dict())
+    report.code_bits = budget.code_bits
+    act_fraction = min(config.outliers_act, budget.outlier_fraction)
+
+    def process(index: int, block: nn.Module, stats: dict[str, ChannelStats]) -> None:
+        for name, module in block_linears(block).items():
+            weight = weight_matrix(module)
+            out_features, in_features = weight.shape
+            bits = paper_allocation(
+                stats[name].statistic(config.statistic), budget.code_bits, config.mixed
+            )
+            total = outlier_count(out_features, in_features, budget.outlier_fraction)
+            act = min(outlier_count(out_features, in_features, act_fraction), total)
+            layer = quantize_layer(
+                weight,
+                bits,
+                stats[name].energy(),
+                layout=config.layout,
+                act_outliers=act,
+                q_outliers=total - act,
+                iters=config.kmeans_iters,
+                seed=config.seed,
+            )
+            quantized = QuantizedLinear.from_layer(layer, module.bias)
+            _replace(block, name, quantized)
+            report.add_layer(weight.numel(), stored_bits(quantized.stored_tensors()))
+
+    for_each_block(model, calibration, process, config.sequential, progress)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def quantize(
+    model: nn.Module,
+    config,
+    calibration: torch.Tensor | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``model`` in place with ``config`` and return what was stored.
+
+    CMPQ needs calibration windows: pass ``calibration`` (an int64 ``[n, seqlen]``
+    token tensor), or a ``tokenizer`` to sample them from ``config.calib``.
+    """
     if isinstance(config, RTNConfig):
         return quantize_rtn(model, config, progress)
+    if isinstance(config, CMPQConfig):
+        if calibration is None:
+            if tokenizer is None:
+                raise CmpqError("CMPQ needs calibration windows or a tokenizer to sample them")
+            calibration = calibration_batch(tokenizer, model, config)
+        return quantize_cmpq(model, config, calibration, progress)
     raise TypeError(f"unsupported config type {type(config).__name__}")

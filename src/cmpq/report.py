@@ -28,6 +28,7 @@ class QuantizationReport:
     layers: int = 0
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    code_bits: float | None = None  # CMPQ: the solved average code width
 
     def add_layer(self, params: int, stored_bits: dict[str, int]) -> None:
         self.layers += 1
@@ -60,6 +61,7 @@ class QuantizationReport:
             "layers": self.layers,
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "code_bits": self.code_bits,
         }
 
     def summary(self) -> str:

@@ -1,0 +1,170 @@
+"""Bit allocation: which input channel gets how many code bits, and what it all costs.
+
+The paper's rule (per layer): for code bits ``c``, ``lo = floor(c)`` and
+``hi = lo + 1``; the ``round((c - lo) * in)`` channels with the largest
+activation statistic get ``hi`` bits, the rest ``lo``.
+
+The user's target is the *total* stored bits per weight (codes, look-up tables,
+outliers and metadata), so :func:`solve_code_bits` searches for the code bits
+``c`` whose exact total cost comes closest to the target from below; the cost
+model here is the same arithmetic as the stored tensors (a test checks that).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .packing import packed_nbytes
+
+MIN_CODE_BITS, MAX_CODE_BITS = 1, 8
+LUT_ENTRY_BITS = 16  # fp16 table entries
+OUTLIER_VALUE_BITS = 16  # fp16
+ROW_POINTER_BITS = 32  # int32 CSR row pointers
+GROUP_HEADER_BITS = 8 + 32  # uint8 width + int32 column count per bit-group
+LAYOUTS = ("row", "column")
+
+
+def index_bits(count: int) -> int:
+    """Width of the integer type storing an index below ``count`` (int16 or int32)."""
+    return 16 if count <= 2**15 else 32
+
+
+def paper_allocation(statistic: torch.Tensor, code_bits: float, mixed: bool = True) -> torch.Tensor:
+    """Per-channel code widths (int64 ``[in]``) for average ``code_bits``.
+
+    ``mixed=False`` gives every channel ``floor(code_bits)`` (the integer-only ablation).
+    """
+    lo = math.floor(code_bits + 1e-9)
+    bits = torch.full((statistic.numel(),), lo, dtype=torch.int64)
+    if not mixed or lo >= MAX_CODE_BITS:
+        return bits
+    high = round((code_bits - lo) * statistic.numel())
+    if high:
+        order = torch.argsort(statistic, descending=True, stable=True)
+        bits[order[:high]] = lo + 1
+    return bits
+
+
+def outlier_count(out_features: int, in_features: int, fraction: float) -> int:
+    return round(fraction * out_features * in_features)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+def layer_cost(
+    shape: LayerShape, group_bits: list[int], group_sizes: list[int], layout: str, outliers: int
+) -> dict[str, int]:
+    """Exact stored bits of one quantized linear, by kind."""
+    out_features, in_features = shape.out_features, shape.in_features
+    codes = sum(
+        8 * packed_nbytes(out_features * size, bits)
+        for bits, size in zip(group_bits, group_sizes, strict=True)
+    )
+    if layout == "row":
+        lut = sum(out_features * 2**bits for bits in group_bits) * LUT_ENTRY_BITS
+    else:
+        lut = sum(size * 2**bits for bits, size in zip(group_bits, group_sizes, strict=True))
+        lut *= LUT_ENTRY_BITS
+    metadata = in_features * index_bits(in_features) + len(group_bits) * GROUP_HEADER_BITS
+    outlier_bits = 0
+    if outliers:
+        outlier_bits = (out_features + 1) * ROW_POINTER_BITS + outliers * (
+            OUTLIER_VALUE_BITS + index_bits(in_features)
+        )
+    return {"codes": codes, "lut": lut, "outliers": outlier_bits, "metadata": metadata}
+
+
+def groups_of(bits_per_channel: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The bit widths present (ascending) and how many channels have each."""
+    widths, counts = torch.unique(bits_per_channel, return_counts=True)
+    return [int(w) for w in widths], [int(c) for c in counts]
+
+
+def paper_groups(in_features: int, code_bits: float, mixed: bool) -> tuple[list[int], list[int]]:
+    """Group widths and sizes the paper rule gives, without needing the statistic."""
+    lo = math.floor(code_bits + 1e-9)
+    high = round((code_bits - lo) * in_features) if mixed and lo < MAX_CODE_BITS else 0
+    pairs = [(lo, in_features - high), (lo + 1, high)]
+    pairs = [(b, n) for b, n in pairs if n > 0]
+    return [b for b, _ in pairs], [n for _, n in pairs]
+
+
+def model_cost(
+    shapes: list[LayerShape], code_bits: float, layout: str, outlier_fraction: float, mixed: bool
+) -> int:
+    """Total stored bits of all layers under the paper rule at ``code_bits``."""
+    total = 0
+    for shape, repeats in Counter(shapes).items():
+        widths, sizes = paper_groups(shape.in_features, code_bits, mixed)
+        outliers = outlier_count(shape.out_features, shape.in_features, outlier_fraction)
+        total += repeats * sum(layer_cost(shape, widths, sizes, layout, outliers).values())
+    return total
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The solved operating point: code bits and the outlier fraction that fill the target."""
+
+    code_bits: float
+    outlier_fraction: float
+    stored_bits: int
+    params: int
+
+    @property
+    def total_bits(self) -> float:
+        return self.stored_bits / self.params
+
+
+def solve_budget(
+    shapes: list[LayerShape],
+    target_bits: float,
+    layout: str,
+    outlier_fraction: float,
+    mixed: bool = True,
+    step: float = 1 / 1024,
+) -> Budget:
+    """Code bits and outlier fraction whose exact total lands just under ``target_bits``.
+
+    First the largest code bits on a ``step`` grid that fit with the requested
+    outlier fraction (cost is not monotone in the code bits: a mixed layer pays
+    for two tables, an integer one for one, so every grid point is tried); then
+    what is left of the budget (a grid step, or the gap a second table opens
+    just above an integer) buys more fp16 outliers, so the total lands within a
+    few hundredths of a bit of the target.
+    """
+    params = sum(shape.numel for shape in shapes)
+    budget = target_bits * params
+    grid = (
+        torch.arange(MIN_CODE_BITS, MAX_CODE_BITS + step / 2, step).tolist()
+        if mixed
+        else list(range(MIN_CODE_BITS, MAX_CODE_BITS + 1))
+    )
+    fitting = [c for c in grid if model_cost(shapes, c, layout, outlier_fraction, mixed) <= budget]
+    if not fitting:
+        lowest = model_cost(shapes, MIN_CODE_BITS, layout, outlier_fraction, False) / params
+        raise ValueError(
+            f"{target_bits} bits per weight is below the smallest this layout can store "
+            f"({lowest:.3f} with 1-bit codes and {outlier_fraction:.2%} outliers)"
+        )
+    code_bits = max(fitting)
+    cost = model_cost(shapes, code_bits, layout, outlier_fraction, mixed)
+    per_outlier = OUTLIER_VALUE_BITS + 16
+    extra = (budget - cost) / (per_outlier * params)
+    while extra > 0:
+        trial = model_cost(shapes, code_bits, layout, outlier_fraction + extra, mixed)
+        if trial <= budget:
+            return Budget(code_bits, outlier_fraction + extra, trial, params)
+        extra -= (trial - budget) / (per_outlier * params) + 1 / params
+    return Budget(code_bits, outlier_fraction, cost, params)

@@ -1,0 +1,259 @@
+"""Non-uniform (look-up-table) quantization of one linear layer with mixed
+per-channel widths and sparse fp16 outliers: the pure-tensor core of CMPQ.
+
+Columns (input channels) are permuted so channels of equal width are
+contiguous ("bit-groups"). Each bit-group has look-up tables of ``2**bits``
+fp16 entries:
+
+- ``row`` layout: one table per output row per bit-group, fitted by k-means
+  over the row's weights in that group, weighted by each channel's activation
+  energy E[x_j²] (the output error is ``sum_j (dW_ij x_j)²``);
+- ``column`` layout: one table per input column, fitted by k-means over the
+  column's ``out`` weights (one activation scale per column, so no weighting).
+
+Outliers are kept exactly in fp16 and left out of the table fits:
+
+- O_act: the entries with the largest ``|W_ij| * s_j`` (weights on extreme
+  activation channels);
+- O_q: after a first fit, the entries with the largest activation-weighted
+  error ``|W_ij - Q(W_ij)| * s_j``; the tables are then refitted without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .allocate import groups_of, index_bits
+from .kmeans import nearest_centroid, weighted_kmeans_1d
+from .packing import pack_groups, unpack_groups
+
+
+@dataclass
+class LUTLayer:
+    """One quantized linear: codes per bit-group, tables, permutation, outliers.
+
+    ``perm[k]`` is the original column stored at position ``k``; group ``g``
+    holds stored columns ``offsets[g]:offsets[g + 1]``. Codes are kept
+    unpacked (uint8) in memory and packed only for storage.
+    """
+
+    out_features: int
+    in_features: int
+    layout: str
+    group_bits: list[int]
+    group_sizes: list[int]
+    perm: torch.Tensor  # [in] int64
+    codes: list[torch.Tensor]  # per group: [out, n_g] uint8
+    luts: list[torch.Tensor]  # per group: row [out, 2^b] / column [n_g, 2^b], fp16
+    outlier_rows: torch.Tensor  # [n] int64, sorted with cols
+    outlier_cols: torch.Tensor  # [n] int64 (original column index)
+    outlier_values: torch.Tensor  # [n] fp16
+
+    @property
+    def offsets(self) -> list[int]:
+        bounds = [0]
+        for size in self.group_sizes:
+            bounds.append(bounds[-1] + size)
+        return bounds
+
+
+def _group_table_fit(
+    values: torch.Tensor, weights: torch.Tensor, bits: int, layout: str, iters: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one bit-group's tables; returns fp16 tables and codes for ``values [out, n]``."""
+    if layout == "row":
+        centroids, _ = weighted_kmeans_1d(values, weights, 2**bits, iters=iters, seed=seed)
+        tables = centroids.half()
+        codes = nearest_centroid(values, tables.float())
+        return tables, codes.to(torch.uint8)
+    centroids, _ = weighted_kmeans_1d(values.t(), weights.t(), 2**bits, iters=iters, seed=seed)
+    tables = centroids.half()
+    codes = nearest_centroid(values.t(), tables.float()).t()
+    return tables, codes.to(torch.uint8).contiguous()
+
+
+def _group_dequantize(codes: torch.Tensor, table: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "row":
+        return table.float().gather(1, codes.long())
+    return table.float().gather(1, codes.t().long()).t()
+
+
+def _fit_tables(
+    weight: torch.Tensor,
+    energy: torch.Tensor,
+    keep: torch.Tensor,
+    group_bits: list[int],
+    offsets: list[int],
+    perm: torch.Tensor,
+    layout: str,
+    iters: int,
+    seed: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tables and codes for every bit-group; entries with ``keep=False`` weigh nothing."""
+    permuted = weight[:, perm]
+    importance = energy[perm].float().unsqueeze(0) * keep[:, perm].float()
+    if layout == "column":  # one activation scale per column: only the outlier mask matters
+        importance = keep[:, perm].float()
+    luts, codes = [], []
+    for g, bits in enumerate(group_bits):
+        cols = slice(offsets[g], offsets[g + 1])
+        table, code = _group_table_fit(
+            permuted[:, cols], importance[:, cols], bits, layout, iters, seed
+        )
+        luts.append(table)
+        codes.append(code)
+    return luts, codes
+
+
+def _top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest scores outside ``exclude``."""
+    mask = torch.zeros_like(exclude)
+    if count <= 0:
+        return mask
+    score = score.masked_fill(exclude, float("-inf")).flatten()
+    mask.view(-1)[torch.topk(score, count).indices] = True
+    return mask
+
+
+def quantize_layer(
+    weight: torch.Tensor,
+    bits_per_channel: torch.Tensor,
+    energy: torch.Tensor,
+    *,
+    layout: str = "row",
+    act_outliers: int = 0,
+    q_outliers: int = 0,
+    iters: int = 25,
+    seed: int = 0,
+) -> LUTLayer:
+    """Quantize ``weight [out, in]`` with the given per-channel widths.
+
+    ``energy[j]`` is the mean squared activation of input channel j; its square
+    root is the activation scale used to rank outliers. ``act_outliers`` and
+    ``q_outliers`` are exact entry counts of the two outlier kinds.
+    """
+    weight = weight.float().contiguous()
+    out_features, in_features = weight.shape
+    group_bits, group_sizes = groups_of(bits_per_channel)
+    perm = torch.argsort(bits_per_channel, stable=True)
+    offsets = [0]
+    for size in group_sizes:
+        offsets.append(offsets[-1] + size)
+    scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
+
+    nothing = torch.zeros_like(weight, dtype=torch.bool)
+    act_mask = _top_entries(weight.abs() * scale, act_outliers, nothing)
+    fit = (weight, energy, ~act_mask, group_bits, offsets, perm, layout, iters, seed)
+    luts, codes = _fit_tables(*fit)
+    outlier_mask = act_mask
+    if q_outliers > 0:
+        first = _assemble(weight.shape, perm, offsets, codes, luts, layout)
+        error = (weight - first).abs() * scale
+        outlier_mask = act_mask | _top_entries(error, q_outliers, act_mask)
+        luts, codes = _fit_tables(weight, energy, ~outlier_mask, *fit[3:])
+    rows, cols = outlier_mask.nonzero(as_tuple=True)
+    return LUTLayer(
+        out_features=out_features,
+        in_features=in_features,
+        layout=layout,
+        group_bits=group_bits,
+        group_sizes=group_sizes,
+        perm=perm,
+        codes=codes,
+        luts=luts,
+        outlier_rows=rows,
+        outlier_cols=cols,
+        outlier_values=weight[rows, cols].half(),
+    )
+
+
+def _assemble(shape, perm, offsets, codes, luts, layout) -> torch.Tensor:
+    permuted = torch.empty(shape, dtype=torch.float32)
+    for g, (code, table) in enumerate(zip(codes, luts, strict=True)):
+        permuted[:, offsets[g] : offsets[g + 1]] = _group_dequantize(code, table, layout)
+    weight = torch.empty(shape, dtype=torch.float32)
+    weight[:, perm] = permuted
+    return weight
+
+
+def dequantize_layer(layer: LUTLayer) -> torch.Tensor:
+    """The ``[out, in]`` float32 weight the stored tensors represent."""
+    shape = (layer.out_features, layer.in_features)
+    weight = _assemble(shape, layer.perm, layer.offsets, layer.codes, layer.luts, layer.layout)
+    weight[layer.outlier_rows, layer.outlier_cols] = layer.outlier_values.float()
+    return weight
+
+
+def _index_dtype(count: int) -> torch.dtype:
+    return torch.int16 if index_bits(count) == 16 else torch.int32
+
+
+def to_tensors(layer: LUTLayer) -> dict[str, torch.Tensor]:
+    """The tensors stored for this layer (packed codes, tables, metadata, CSR outliers)."""
+    tensors = {
+        "codes": pack_groups([c.flatten() for c in layer.codes], layer.group_bits),
+        "lut": torch.cat([t.flatten() for t in layer.luts]),
+        "perm": layer.perm.to(_index_dtype(layer.in_features)),
+        "group_bits": torch.tensor(layer.group_bits, dtype=torch.uint8),
+        "group_sizes": torch.tensor(layer.group_sizes, dtype=torch.int32),
+    }
+    if layer.outlier_values.numel():
+        counts = torch.bincount(layer.outlier_rows, minlength=layer.out_features)
+        crow = torch.zeros(layer.out_features + 1, dtype=torch.int32)
+        crow[1:] = counts.cumsum(0)
+        tensors["outlier_crow"] = crow
+        tensors["outlier_cols"] = layer.outlier_cols.to(_index_dtype(layer.in_features))
+        tensors["outlier_values"] = layer.outlier_values
+    return tensors
+
+
+def from_tensors(
+    tensors: dict[str, torch.Tensor], out_features: int, in_features: int, layout: str
+) -> LUTLayer:
+    """Rebuild a layer from its stored tensors (inverse of :func:`to_tensors`)."""
+    group_bits = [int(b) for b in tensors["group_bits"]]
+    group_sizes = [int(n) for n in tensors["group_sizes"]]
+    flat = unpack_groups(tensors["codes"], group_bits, [out_features * n for n in group_sizes])
+    codes = [c.reshape(out_features, n) for c, n in zip(flat, group_sizes, strict=True)]
+    luts, start = [], 0
+    for bits, size in zip(group_bits, group_sizes, strict=True):
+        rows = out_features if layout == "row" else size
+        luts.append(tensors["lut"][start : start + rows * 2**bits].reshape(rows, 2**bits))
+        start += rows * 2**bits
+    if "outlier_values" in tensors:
+        counts = tensors["outlier_crow"].long().diff()
+        rows = torch.repeat_interleave(torch.arange(out_features), counts)
+        cols = tensors["outlier_cols"].long()
+        values = tensors["outlier_values"]
+    else:
+        rows = cols = torch.zeros(0, dtype=torch.int64)
+        values = torch.zeros(0, dtype=torch.float16)
+    return LUTLayer(
+        out_features,
+        in_features,
+        layout,
+        group_bits,
+        group_sizes,
+        tensors["perm"].long(),
+        codes,
+        luts,
+        rows,
+        cols,
+        values,
+    )
+
+
+def stored_bits(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bits actually stored, by kind: what the file holds for this layer."""
+    kinds = {
+        "codes": ("codes",),
+        "lut": ("lut",),
+        "outliers": ("outlier_crow", "outlier_cols", "outlier_values"),
+        "metadata": ("perm", "group_bits", "group_sizes"),
+    }
+    return {
+        kind: sum(8 * tensors[n].numel() * tensors[n].element_size() for n in names if n in tensors)
+        for kind, names in kinds.items()
+    }
