@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cmpq.checkpoint import FORMAT_VERSION
 from cmpq.cli import main
 
 
@@ -21,6 +22,8 @@ def test_quantize_then_eval_a_local_checkpoint(capsys, tmp_path, tiny_checkpoint
         capsys,
         "quantize",
         str(tiny_checkpoint),
+        "--method",
+        "rtn",
         "--bits",
         "4",
         "--group-size",
@@ -35,7 +38,8 @@ def test_quantize_then_eval_a_local_checkpoint(capsys, tmp_path, tiny_checkpoint
     assert payload["effective_bits"] == pytest.approx(5.0)  # 4 + 32 bits per 32 weights
     assert payload["bits_breakdown"] == {"codes": 4.0, "scales": 1.0}
     description = json.loads((out / "cmpq.json").read_text())
-    assert description["method"] == "rtn" and description["format_version"] == 1
+    assert description["method"] == "rtn" and description["format_version"] == FORMAT_VERSION
+    assert description["format"] == "dequantized"
 
     result = tmp_path / "eval.json"
     code, stdout, _ = run_cli(
@@ -68,10 +72,23 @@ BAD_INPUTS = [
         ["eval", "{tiny}", "--dataset", "{text_file}", "--seqlen", "64", "--windows", "500"],
         "room for",
     ),
-    (["quantize", "{tiny}", "--bits", "9", "--out", "{out}"], "integer from 2 to 8"),
-    (["quantize", "{tiny}", "--bits", "1", "--out", "{out}"], "integer from 2 to 8"),
-    (["quantize", "{tiny}", "--group-size", "0", "--out", "{out}"], "positive"),
-    (["quantize", "{tiny}", "--group-size", "-8", "--out", "{out}"], "positive"),
+    (
+        ["quantize", "{tiny}", "--method", "rtn", "--bits", "9", "--out", "{out}"],
+        "integer from 2 to 8",
+    ),
+    (
+        ["quantize", "{tiny}", "--method", "rtn", "--bits", "1", "--out", "{out}"],
+        "integer from 2 to 8",
+    ),
+    (["quantize", "{tiny}", "--method", "rtn", "--group-size", "0", "--out", "{out}"], "positive"),
+    (["quantize", "{tiny}", "--method", "rtn", "--group-size", "-8", "--out", "{out}"], "positive"),
+    (["quantize", "{tiny}", "--bits", "1.5", "--out", "{out}"], "from 2 to 8 total bits"),
+    (["quantize", "{tiny}", "--bits", "8.5", "--out", "{out}"], "from 2 to 8 total bits"),
+    (["quantize", "{tiny}", "--outliers-q", "0.5", "--out", "{out}"], "fraction from 0 to 0.1"),
+    (
+        ["quantize", "{tiny}", "--calib", "/no/such.jsonl", "--out", "{out}"],
+        "neither a built-in dataset",
+    ),
     (["quantize", "{tiny}", "--out", "{nonempty}"], "not empty; pass --overwrite"),
 ]
 
@@ -120,3 +137,36 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert process.returncode == 2
     assert process.stderr.strip().count("\n") == 0
     assert "Traceback" not in process.stderr
+
+
+def test_cmpq_quantize_writes_a_packed_model_that_evaluates(
+    capsys, tmp_path, tiny_checkpoint, text_file
+):
+    out, report = tmp_path / "q", tmp_path / "report.json"
+    code, stdout, err = run_cli(
+        capsys,
+        "quantize",
+        str(tiny_checkpoint),
+        "--bits",
+        "4.5",
+        "--calib",
+        str(text_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+        str(report),
+    )
+    assert code == 0, err
+    payload = json.loads(report.read_text())
+    assert 4.49 <= payload["effective_bits"] <= 4.5
+    assert set(payload["bits_breakdown"]) == {"codes", "lut", "outliers", "metadata"}
+    assert payload["stored_bytes"] * 8 >= payload["effective_bits"] * payload["quantized_params"]
+    assert json.loads((out / "cmpq.json").read_text())["format"] == "packed"
+    code, stdout, _ = run_cli(
+        capsys, "eval", str(out), "--dataset", str(text_file), "--seqlen", "16", "--windows", "2"
+    )
+    assert code == 0 and "perplexity" in stdout

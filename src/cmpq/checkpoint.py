@@ -1,10 +1,18 @@
 """Quantized output directories: written atomically, described by ``cmpq.json``.
 
-Format version 1 (RTN): the directory is a Hugging Face checkpoint holding the
-de-quantized weights, plus ``cmpq.json`` describing how they were made and what
-the quantized storage would cost. Writing goes to a temporary sibling
-directory that is renamed into place only when complete, so an interrupted run
-never leaves something that looks finished.
+Two formats (``cmpq.json`` field ``format``):
+
+- ``dequantized`` (RTN): a Hugging Face checkpoint holding the de-quantized
+  weights, plus ``cmpq.json`` with the method and what the quantized storage
+  costs;
+- ``packed`` (CMPQ): ``model.safetensors`` holds, for every quantized linear,
+  only its stored tensors (``<name>.codes``, ``.lut``, ``.perm``,
+  ``.group_bits``, ``.group_sizes``, and ``.outlier_crow/_cols/_values`` when
+  it has outliers) and, for everything else, the original parameters;
+  ``cmpq.json`` lists the quantized layers with their shapes and layout.
+
+Writing goes to a temporary sibling directory that is renamed into place only
+when complete, so an interrupted run never leaves something that looks finished.
 """
 
 from __future__ import annotations
@@ -14,10 +22,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
 from .errors import CmpqError
+from .qlinear import STORED_NAMES, QuantizedLinear
 from .report import QuantizationReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "cmpq.json"
 
 
@@ -37,14 +51,34 @@ def save_quantized(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+    quantized = quantized_layers(model)
     try:
-        model.save_pretrained(staging)
+        if quantized:
+            model.config.save_pretrained(staging)
+            save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "cmpq"})
+            layers = {
+                name: {
+                    "out_features": m.out_features,
+                    "in_features": m.in_features,
+                    "layout": m.layout,
+                    "bias": m.bias is not None,
+                }
+                for name, m in quantized.items()
+            }
+            description = {
+                "format_version": FORMAT_VERSION,
+                "format": "packed",
+                **report.as_dict(),
+                "layers": layers,
+            }
+        else:
+            model.save_pretrained(staging)
+            description = {
+                "format_version": FORMAT_VERSION,
+                "format": "dequantized",
+                **report.as_dict(),
+            }
         tokenizer.save_pretrained(staging)
-        description = {
-            "format_version": FORMAT_VERSION,
-            "format": "dequantized",
-            **report.as_dict(),
-        }
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -69,9 +103,47 @@ def read_description(path: Path) -> dict:
     return description
 
 
+def quantized_layers(model) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
 def load_quantized(path: Path):
     """Load a cmpq output directory as ``(model, tokenizer)``."""
     from .models import load_checkpoint
 
-    read_description(path)
-    return load_checkpoint(str(path), {})
+    path = Path(path)
+    description = read_description(path)
+    if description.get("format") != "packed":
+        return load_checkpoint(str(path), {})
+    return _load_packed(path, description)
+
+
+def _load_packed(path: Path, description: dict):
+    """Build the model from its config, put QuantizedLinear modules where the
+    description says, then load every stored tensor into place."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    weights = path / WEIGHTS_FILE
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with safe_open(str(weights), framework="pt") as handle:
+            for name, layer in description["layers"].items():
+                tensors = {
+                    key: handle.get_tensor(f"{name}.{key}")
+                    for key in STORED_NAMES
+                    if f"{name}.{key}" in handle.keys()
+                }
+                bias = handle.get_tensor(f"{name}.bias") if layer["bias"] else None
+                module = QuantizedLinear(
+                    tensors, layer["out_features"], layer["in_features"], layer["layout"], bias
+                )
+                parent, _, attribute = name.rpartition(".")
+                setattr(model.get_submodule(parent), attribute, module)
+        load_model(model, str(weights), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CmpqError(f"{path} is not a readable cmpq checkpoint: {first}") from None
+    model.tie_weights()
+    return model.eval(), tokenizer

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import __version__
+from .allocate import LAYOUTS
+from .calibrate import STATISTICS
 from .checkpoint import check_output_dir, save_quantized
-from .config import RTNConfig
+from .config import CMPQConfig, RTNConfig
 from .data import BUILTIN_DATASETS, load_documents
 from .errors import CmpqError
 from .evaluate import perplexity
@@ -62,13 +65,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _write_json(args.json, result.as_dict())
 
 
+def config_from_args(args: argparse.Namespace):
+    """The method config the options describe (validated by the config itself)."""
+    if args.method == "rtn":
+        bits = 3 if args.bits is None else args.bits
+        bits = int(bits) if float(bits).is_integer() else bits
+        return RTNConfig(
+            bits=bits, group_size=args.group_size, include_lm_head=args.include_lm_head
+        )
+    if args.include_lm_head:
+        raise CmpqError("--include-lm-head is supported with --method rtn only")
+    _check_dataset(args.calib)
+    return CMPQConfig(
+        bits=CMPQConfig.bits if args.bits is None else args.bits,
+        layout=args.layout,
+        statistic=args.statistic,
+        outliers_act=args.outliers_act,
+        outliers_q=args.outliers_q,
+        mixed=not args.integer_only,
+        kmeans_iters=args.kmeans_iters,
+        seed=args.seed,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+        sequential=args.sequential,
+    )
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
-    bits = int(args.bits) if float(args.bits).is_integer() else args.bits
-    config = RTNConfig(bits=bits, group_size=args.group_size, include_lm_head=args.include_lm_head)
+    config = config_from_args(args)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     model, tokenizer = load_model(args.model)
-    report = quantize(model, config)
+    report = quantize(model, config, tokenizer=tokenizer)
     save_quantized(model, tokenizer, report, out, overwrite=args.overwrite)
     print(report.summary())
     print(f"wrote {out}")
@@ -76,19 +105,28 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Evaluate the default model, quantize it with RTN, evaluate again."""
+    """Evaluate the default model, then RTN 3-bit and CMPQ 2.5-bit copies of it."""
+    evaluate = partial(perplexity, dataset=args.dataset, seqlen=args.seqlen, windows=args.windows)
     model, tokenizer = load_model(args.model)
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())
-    fp = perplexity(model, tokenizer, args.dataset, args.seqlen, args.windows, args.model)
-    config = RTNConfig(bits=3, group_size=64)
-    report = quantize(model, config)
-    rtn = perplexity(model, tokenizer, args.dataset, args.seqlen, args.windows, "rtn")
+    fp = evaluate(model, tokenizer, model_name=args.model)
+    rows = [("fp16 reference", 16.0, params * 2, fp.ppl)]
+    for label, config in [
+        ("RTN 3-bit g64", RTNConfig(bits=3, group_size=64)),
+        (f"CMPQ {args.bits:g} bits", CMPQConfig(bits=args.bits)),
+    ]:
+        model, tokenizer = load_model(args.model)
+        report = quantize(model, config, tokenizer=tokenizer)
+        result = evaluate(model, tokenizer, model_name=label)
+        rows.append((label, report.effective_bits, report.stored_bytes, result.ppl))
     print()
-    print(f"{args.model}, {args.dataset}, {fp.windows} x {fp.seqlen} tokens, decoder linears only:")
+    print(
+        f"{args.model}, {args.dataset}, {fp.windows} x {fp.seqlen} tokens; bits and sizes "
+        "count everything stored for the decoder linears:"
+    )
     print(f"{'model':<22}{'bits/weight':>12}{'size (MB)':>12}{'perplexity':>12}")
-    _print_row("fp16 reference", 16.0, params * 2, fp.ppl)
-    label = f"RTN {config.bits}-bit g{config.group_size}"
-    _print_row(label, report.effective_bits, report.stored_bytes, rtn.ppl)
+    for row in rows:
+        _print_row(*row)
 
 
 def _print_row(label: str, bits: float, stored_bytes: int, ppl: float) -> None:
@@ -110,12 +148,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = commands.add_parser("quantize", help="quantize a model and write it to --out")
     quant.add_argument("model", help="alias, checkpoint dir, .gguf or hub id")
-    quant.add_argument("--method", choices=["rtn"], default="rtn")
-    quant.add_argument("--bits", type=float, default=3, help="bits per code (2-8)")
+    quant.add_argument("--method", choices=["cmpq", "rtn"], default="cmpq")
     quant.add_argument(
-        "--group-size", type=_group_size, default=64, help="columns per group, or 'channel' (64)"
+        "--bits",
+        type=float,
+        help="cmpq: total stored bits per weight, any number 2-8 (2.5); rtn: code bits 2-8 (3)",
     )
-    quant.add_argument("--include-lm-head", action="store_true", help="quantize lm_head too")
+    quant.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=64,
+        help="rtn: columns per group, or 'channel' (64)",
+    )
+    quant.add_argument("--include-lm-head", action="store_true", help="rtn: quantize lm_head too")
+    defaults = CMPQConfig()
+    cmpq_options = quant.add_argument_group("cmpq options")
+    cmpq_options.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=defaults.layout,
+        help="look-up tables per output row per bit-group, or per column",
+    )
+    cmpq_options.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        default=defaults.statistic,
+        help="activation statistic that ranks channels",
+    )
+    cmpq_options.add_argument(
+        "--outliers-act",
+        type=float,
+        default=defaults.outliers_act,
+        help="fraction of weights kept fp16 by activation magnitude",
+    )
+    cmpq_options.add_argument(
+        "--outliers-q",
+        type=float,
+        default=defaults.outliers_q,
+        help="fraction of weights kept fp16 by quantization error",
+    )
+    cmpq_options.add_argument(
+        "--integer-only", action="store_true", help="one integer code width everywhere (ablation)"
+    )
+    cmpq_options.add_argument("--kmeans-iters", type=int, default=defaults.kmeans_iters)
+    cmpq_options.add_argument("--seed", type=int, default=defaults.seed)
+    cmpq_options.add_argument(
+        "--calib", default=defaults.calib, help="calibration text: c4-train | wikitext2 | c4 | PATH"
+    )
+    cmpq_options.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
+    cmpq_options.add_argument("--calib-seqlen", type=int, default=defaults.calib_seqlen)
+    cmpq_options.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate each block on the outputs of the quantized ones",
+    )
     quant.add_argument("--out", required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     quant.add_argument("--json", help="write the quantization report as JSON to this file")
@@ -123,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="quantize the default model and compare perplexity")
     demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--bits", type=float, default=2.5, help="CMPQ total bits (2.5)")
     _add_eval_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -16,6 +16,7 @@ from .errors import CmpqError
 from .lutquant import quantize_layer, stored_bits
 from .models import (
     block_linears,
+    decoder_blocks,
     needs_bos,
     quantizable_linears,
     set_weight_matrix,
@@ -70,10 +71,16 @@ def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_cmpq(
     model: nn.Module,
     config: CMPQConfig,
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | None,
     progress: bool = True,
+    stats: dict[str, ChannelStats] | None = None,
 ) -> QuantizationReport:
-    """CMPQ every decoder linear, replacing each with a :class:`QuantizedLinear`."""
+    """CMPQ every decoder linear, replacing each with a :class:`QuantizedLinear`.
+
+    ``stats`` (from :func:`cmpq.calibrate.collect_stats`, by full linear name)
+    skips calibration: statistics of the full-precision model can be reused
+    across runs that differ only in bits or quantizer options.
+    """
     start = time.perf_counter()
     linears = quantizable_linears(model)
     shapes = [LayerShape(*weight_matrix(m).shape) for m in linears.values()]
@@ -109,7 +116,15 @@ def quantize_cmpq(
             _replace(block, name, quantized)
             report.add_layer(weight.numel(), stored_bits(quantized.stored_tensors()))
 
-    for_each_block(model, calibration, process, config.sequential, progress)
+    if stats is None:
+        for_each_block(model, calibration, process, config.sequential, progress)
+    else:
+        if config.sequential:
+            raise CmpqError("precomputed statistics cannot be used with sequential calibration")
+        prefix, blocks = decoder_blocks(model)
+        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+            names = block_linears(block)
+            process(index, block, {name: stats[f"{prefix}.{index}.{name}"] for name in names})
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     return report
@@ -121,6 +136,7 @@ def quantize(
     calibration: torch.Tensor | None = None,
     tokenizer=None,
     progress: bool = True,
+    stats: dict[str, ChannelStats] | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``config`` and return what was stored.
 
@@ -130,9 +146,9 @@ def quantize(
     if isinstance(config, RTNConfig):
         return quantize_rtn(model, config, progress)
     if isinstance(config, CMPQConfig):
-        if calibration is None:
+        if calibration is None and stats is None:
             if tokenizer is None:
                 raise CmpqError("CMPQ needs calibration windows or a tokenizer to sample them")
             calibration = calibration_batch(tokenizer, model, config)
-        return quantize_cmpq(model, config, calibration, progress)
+        return quantize_cmpq(model, config, calibration, progress, stats)
     raise TypeError(f"unsupported config type {type(config).__name__}")
