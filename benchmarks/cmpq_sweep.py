@@ -65,7 +65,8 @@ def write_outputs(rows: list[dict], name: str, command: str) -> None:
     lines = [
         f"Command: `{command}`",
         "",
-        "| method | setting | bits (total stored) | WikiText-2 ppl | C4 ppl | quant s | peak RSS GB |",
+        "| method | setting | bits (total stored) | WikiText-2 ppl | C4 ppl "
+        "| quant s | peak RSS GB |",
         "|---|---|---|---|---|---|---|",
     ]
     keyed: dict[tuple, dict] = {}
@@ -96,7 +97,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 if r["method"] == method and r["dataset"] == dataset
             )
             if points:
-                axis.plot(*zip(*points), marker=marker, label=method)
+                axis.plot(*zip(*points, strict=True), marker=marker, label=method)
         axis.set_yscale("log")
         axis.set_xlabel("total stored bits per weight (decoder linears)")
         axis.set_ylabel("perplexity")

@@ -18,3 +18,24 @@ def test_reference_perplexity_4x256(smollm2):
     result = perplexity(model, tokenizer, "wikitext2", seqlen=256, windows=4, progress=False)
     assert not result.bos
     assert result.ppl == pytest.approx(37.10, abs=0.05)
+
+
+def test_cmpq_at_three_bits_beats_three_bit_rtn():
+    """3.0 total bits of CMPQ (tables, outliers, metadata included) against RTN 3-bit g64,
+    which stores 3.5 bits per weight. Small calibration to keep the test short."""
+    from cmpq import CMPQConfig, RTNConfig, quantize
+
+    results = {}
+    for name, config in [
+        ("rtn", RTNConfig(bits=3, group_size=64)),
+        ("cmpq", CMPQConfig(bits=3.0, calib_samples=8, calib_seqlen=256, kmeans_iters=10)),
+    ]:
+        model, tokenizer = load_model("smollm2-135m")
+        report = quantize(model, config, tokenizer=tokenizer, progress=False)
+        results[name] = (
+            report.effective_bits,
+            perplexity(model, tokenizer, "wikitext2", 256, 4, progress=False).ppl,
+        )
+    assert results["rtn"][0] == pytest.approx(3.5)
+    assert 2.99 <= results["cmpq"][0] <= 3.0
+    assert results["cmpq"][1] < results["rtn"][1]

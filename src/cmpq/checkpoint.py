@@ -32,6 +32,7 @@ from .report import QuantizationReport
 
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
+REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
 DESCRIPTION_FILE = "cmpq.json"
 
 
@@ -134,6 +135,9 @@ def _load_packed(path: Path, description: dict):
                     for key in STORED_NAMES
                     if f"{name}.{key}" in handle.keys()
                 }
+                missing = [key for key in REQUIRED_NAMES if key not in tensors]
+                if missing:
+                    raise KeyError(f"tensor {name}.{missing[0]} is missing")
                 bias = handle.get_tensor(f"{name}.bias") if layer["bias"] else None
                 module = QuantizedLinear(
                     tensors, layer["out_features"], layer["in_features"], layer["layout"], bias

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from cmpq.allocate import (
+    LayerShape,
+    groups_of,
+    layer_cost,
+    model_cost,
+    paper_allocation,
+    paper_groups,
+    solve_budget,
+)
+
+
+def test_paper_rule_gives_the_top_channels_one_more_bit():
+    statistic = torch.tensor([0.1, 5.0, 0.3, 9.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8])
+    bits = paper_allocation(statistic, 2.2)
+    assert bits.tolist() == [2, 3, 2, 3, 2, 2, 2, 2, 2, 2]  # 20 % of 10 channels
+    assert paper_allocation(statistic, 3.0).tolist() == [3] * 10
+    assert paper_allocation(statistic, 2.7, mixed=False).tolist() == [2] * 10
+
+
+@pytest.mark.parametrize("code_bits", [1.0, 1.5, 2.0, 2.2, 2.5, 3.3, 4.0, 7.9, 8.0])
+def test_groups_from_the_rule_match_the_allocation(code_bits):
+    statistic = torch.rand(576)
+    assert groups_of(paper_allocation(statistic, code_bits)) == paper_groups(576, code_bits, True)
+
+
+def test_layer_cost_counts_every_kind():
+    cost = layer_cost(LayerShape(4, 10), [2, 3], [8, 2], "row", outliers=3)
+    assert cost["codes"] == 4 * 8 * 2 + 4 * 2 * 3  # each group packed to whole bytes
+    assert cost["lut"] == 4 * (4 + 8) * 16
+    assert cost["metadata"] == 10 * 16 + 2 * 40
+    assert cost["outliers"] == 5 * 32 + 3 * (16 + 16)
+    column = layer_cost(LayerShape(4, 10), [2, 3], [8, 2], "column", outliers=0)
+    assert column["lut"] == (8 * 4 + 2 * 8) * 16 and column["outliers"] == 0
+
+
+SHAPES = [LayerShape(576, 576)] * 4 + [LayerShape(192, 576)] * 2 + [LayerShape(1536, 576)] * 2
+SHAPES += [LayerShape(576, 1536), LayerShape(100, 37)]
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+@pytest.mark.parametrize("target", [2.0, 2.2, 2.5, 2.77, 3.0, 3.3, 4.0, 4.5, 6.1, 8.0])
+def test_budget_lands_within_a_hundredth_under_the_target(layout, target):
+    budget = solve_budget(SHAPES, target, layout, outlier_fraction=0.0045)
+    exact = model_cost(SHAPES, budget.code_bits, layout, budget.outlier_fraction, True)
+    params = sum(s.numel for s in SHAPES)
+    assert exact == budget.stored_bits
+    assert target - 0.01 <= exact / params <= target
+    assert budget.outlier_fraction >= 0.0045
+
+
+def test_more_bits_buy_more_code_bits():
+    code_bits = [solve_budget(SHAPES, t, "row", 0.0045).code_bits for t in (2.2, 2.5, 3.0, 4.0)]
+    assert code_bits == sorted(code_bits) and len(set(code_bits)) == 4
+
+
+def test_impossible_budget_is_an_error():
+    with pytest.raises(ValueError, match="below the smallest"):
+        solve_budget([LayerShape(8, 8)], 2.0, "row", 0.0)

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from cmpq.calibrate import ChannelStats, collect_stats
+from cmpq.config import CMPQConfig
+from cmpq.models import quantizable_linears
+from cmpq.qlinear import QuantizedLinear
+from cmpq.quantize import quantize
+from conftest import ARCHITECTURES, make_tiny_model
+
+
+def test_channel_stats_accumulate_exactly():
+    stats = ChannelStats.zeros(3)
+    stats.update(torch.tensor([[1.0, -2.0, 0.0], [3.0, 1.0, -4.0]]))
+    stats.update(torch.tensor([[[0.0, 2.0, 1.0]]]))
+    assert stats.tokens == 3
+    assert stats.sum_sq.tolist() == [10.0, 9.0, 17.0]
+    assert stats.sum_abs.tolist() == [4.0, 5.0, 5.0]
+    assert stats.max_abs.tolist() == [3.0, 2.0, 4.0]
+    torch.testing.assert_close(
+        stats.statistic("l2"), torch.tensor([10.0, 9.0, 17.0]).double().sqrt()
+    )
+    torch.testing.assert_close(
+        stats.statistic("mean_abs"), torch.tensor([4 / 3, 5 / 3, 5 / 3]).double()
+    )
+    with pytest.raises(ValueError, match="unknown statistic"):
+        stats.statistic("median")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_block_looper_sees_what_the_full_model_sees(arch):
+    """Statistics from the block-by-block run equal hooks on a full forward."""
+    model = make_tiny_model(arch)
+    batch = torch.randint(0, 300, (3, 20))  # longer than Gemma 3's sliding window of 16
+    stats = collect_stats(model, batch)
+    reference = {
+        name: torch.zeros(s.sum_sq.shape, dtype=torch.float64) for name, s in stats.items()
+    }
+
+    def hook_for(name):
+        def hook(module, args):
+            reference[name].add_(args[0].double().reshape(-1, args[0].shape[-1]).square().sum(0))
+
+        return hook
+
+    for name, module in quantizable_linears(model).items():
+        module.register_forward_pre_hook(hook_for(name))
+    with torch.no_grad():
+        for window in batch:
+            model(window.unsqueeze(0))
+    assert set(stats) == set(quantizable_linears(model))
+    for name, value in stats.items():
+        torch.testing.assert_close(value.sum_sq, reference[name], rtol=1e-5, atol=1e-8)
+        assert value.tokens == 60
+
+
+def test_sequential_calibration_changes_later_blocks_only():
+    batch = torch.randint(0, 300, (3, 20))
+    results = {}
+    for sequential in (False, True):
+        model = make_tiny_model("llama")
+        config = CMPQConfig(bits=4.5, sequential=sequential, kmeans_iters=5)
+        quantize(model, config, calibration=batch, progress=False)
+        results[sequential] = {
+            n: m.dequantized_weight()
+            for n, m in model.named_modules()
+            if isinstance(m, QuantizedLinear)
+        }
+    assert len(results[False]) == 14
+    first_block = [n for n in results[False] if ".0." in n]
+    later = [n for n in results[False] if ".1." in n]
+    assert all(torch.equal(results[False][n], results[True][n]) for n in first_block)
+    assert any(not torch.equal(results[False][n], results[True][n]) for n in later)
