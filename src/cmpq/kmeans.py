@@ -182,7 +182,7 @@ def weighted_kmeans_1d(
     *,
     iters: int = 30,
     tol: float = 1e-6,
-    init: str = "quantile",
+    init: str | torch.Tensor = "quantile",
     seed: int = 0,
     refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +198,9 @@ def weighted_kmeans_1d(
         k: number of centroids per row (``>= 1``).
         iters: maximum number of Lloyd iterations per Lloyd phase, and of refinement rounds.
         tol: stop once no centroid moved by more than ``tol`` times its row's value range.
-        init: ``"quantile"`` (deterministic: weighted quantiles ``(i + 0.5) / k``) or
-            ``"kmeans++"`` (weighted k-means++ seeded by ``torch.Generator().manual_seed(seed)``).
+        init: ``"quantile"`` (deterministic: weighted quantiles ``(i + 0.5) / k``),
+            ``"kmeans++"`` (weighted k-means++ seeded by ``torch.Generator().manual_seed(seed)``),
+            or a ``[B, k]`` tensor of starting centroids (a warm start).
         seed: seed for ``"kmeans++"``; ignored by ``"quantile"``.
         refine: after Lloyd, search over partitions of the sorted row
             (:func:`_refine_boundaries`), then polish with Lloyd again; per row the better of
@@ -221,7 +222,7 @@ def weighted_kmeans_1d(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if init not in _INITS:
+    if not isinstance(init, torch.Tensor) and init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if iters < 0:
         raise ValueError(f"iters must be non-negative, got {iters}")
@@ -238,7 +239,14 @@ def weighted_kmeans_1d(
     if B == 0:
         return v.new_empty(0, k), torch.empty(0, N, dtype=torch.int64, device=v.device)
 
-    c = _init_quantile(v, w, k) if init == "quantile" else _init_kmeanspp(v, w, k, seed)
+    if isinstance(init, torch.Tensor):  # warm start, e.g. refitting after removing outliers
+        if init.shape != (B, k):
+            raise ValueError(f"initial centroids must have shape {[B, k]}, got {list(init.shape)}")
+        c = init.to(device=v.device, dtype=torch.float32).sort(dim=1).values
+    elif init == "quantile":
+        c = _init_quantile(v, w, k)
+    else:
+        c = _init_kmeanspp(v, w, k, seed)
     span = v.amax(dim=1) - v.amin(dim=1)
     scale = torch.where(span > 0, span, torch.ones_like(span))
     c = _lloyd(v, w, c, k, iters, tol, scale)

@@ -60,18 +60,29 @@ class LUTLayer:
 
 
 def _group_table_fit(
-    values: torch.Tensor, weights: torch.Tensor, bits: int, layout: str, iters: int, seed: int
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    bits: int,
+    layout: str,
+    iters: int,
+    seed: int,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit one bit-group's tables; returns fp16 tables and codes for ``values [out, n]``."""
-    if layout == "row":
-        centroids, _ = weighted_kmeans_1d(values, weights, 2**bits, iters=iters, seed=seed)
-        tables = centroids.half()
-        codes = nearest_centroid(values, tables.float())
-        return tables, codes.to(torch.uint8)
-    centroids, _ = weighted_kmeans_1d(values.t(), weights.t(), 2**bits, iters=iters, seed=seed)
+    """Fit one bit-group's tables; returns fp16 tables and codes for ``values [out, n]``.
+
+    With ``start`` (the tables of a first fit) only Lloyd's iterations run from
+    there: a refit after removing a few outliers moves the tables little, and
+    the partition search is what costs time.
+    """
+    if layout == "column":
+        values, weights = values.t(), weights.t()
+    options = {"iters": iters, "seed": seed}
+    if start is not None:
+        options.update(init=start.float(), refine=False)
+    centroids, _ = weighted_kmeans_1d(values, weights, 2**bits, **options)
     tables = centroids.half()
-    codes = nearest_centroid(values.t(), tables.float()).t()
-    return tables, codes.to(torch.uint8).contiguous()
+    codes = nearest_centroid(values, tables.float()).to(torch.uint8)
+    return tables, codes if layout == "row" else codes.t().contiguous()
 
 
 def _group_dequantize(codes: torch.Tensor, table: torch.Tensor, layout: str) -> torch.Tensor:
@@ -90,6 +101,7 @@ def _fit_tables(
     layout: str,
     iters: int,
     seed: int,
+    start: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Tables and codes for every bit-group; entries with ``keep=False`` weigh nothing."""
     permuted = weight[:, perm]
@@ -100,7 +112,13 @@ def _fit_tables(
     for g, bits in enumerate(group_bits):
         cols = slice(offsets[g], offsets[g + 1])
         table, code = _group_table_fit(
-            permuted[:, cols], importance[:, cols], bits, layout, iters, seed
+            permuted[:, cols],
+            importance[:, cols],
+            bits,
+            layout,
+            iters,
+            seed,
+            None if start is None else start[g],
         )
         luts.append(table)
         codes.append(code)
@@ -152,7 +170,7 @@ def quantize_layer(
         first = _assemble(weight.shape, perm, offsets, codes, luts, layout)
         error = (weight - first).abs() * scale
         outlier_mask = act_mask | _top_entries(error, q_outliers, act_mask)
-        luts, codes = _fit_tables(weight, energy, ~outlier_mask, *fit[3:])
+        luts, codes = _fit_tables(weight, energy, ~outlier_mask, *fit[3:], start=luts)
     rows, cols = outlier_mask.nonzero(as_tuple=True)
     return LUTLayer(
         out_features=out_features,

@@ -1,0 +1,236 @@
+"""CMPQ vs RTN on one model: perplexity against total stored bits per weight.
+
+    python benchmarks/cmpq_bench.py --suite sweep      # fp, RTN 2/3/4 g64, CMPQ 2.0-4.5
+    python benchmarks/cmpq_bench.py --suite ablations  # CMPQ variants at 2.2 and 3.0 bits
+
+Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
+benchmarks/results/<suite>-<model>.{json,md,png}, updating them after every
+row so an interrupted run keeps what it measured. Calibration statistics (C4
+train windows, the CMPQConfig defaults) are collected once from the
+full-precision model, cached on disk, and reused by every non-sequential CMPQ
+row (non-sequential CMPQ uses exactly these statistics); a row's `seconds` is
+its quantization time without that shared calibration, whose time is in
+`calibration_seconds`. Sequential rows calibrate on their own, inside `seconds`.
+The sweep evaluates WikiText-2 and C4; the ablations WikiText-2 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cmpq import CMPQConfig, RTNConfig, load_model, perplexity, quantize
+from cmpq.calibrate import collect_stats
+from cmpq.models import cache_dir, quantizable_linears
+from cmpq.quantize import calibration_batch
+from cmpq.report import peak_rss_bytes
+
+RESULTS = Path(__file__).parent / "results"
+DATASETS = ("wikitext2", "c4")
+SWEEP = [  # most telling first, so a cut-short run still answers the main questions
+    ("cmpq 3.0", CMPQConfig(bits=3.0)),
+    ("rtn 3-bit g64", RTNConfig(3, 64)),
+    ("cmpq 2.2", CMPQConfig(bits=2.2)),
+    ("cmpq 2.0", CMPQConfig(bits=2.0)),
+    ("cmpq 2.5", CMPQConfig(bits=2.5)),
+    ("cmpq 4.0", CMPQConfig(bits=4.0)),
+    ("rtn 4-bit g64", RTNConfig(4, 64)),
+    ("cmpq 3.3", CMPQConfig(bits=3.3)),
+    ("cmpq 4.5", CMPQConfig(bits=4.5)),
+    ("rtn 2-bit g64", RTNConfig(2, 64)),
+]
+VARIANTS = {  # ablation name -> CMPQConfig fields changed from the defaults
+    "default (O_act 0.05 % + O_q 0.4 %, row tables, L2, mixed)": {},
+    "no outliers": {"outliers_act": 0.0, "outliers_q": 0.0},
+    "O_act only (0.45 %)": {"outliers_act": 0.0045, "outliers_q": 0.0},
+    "O_q only (0.45 %)": {"outliers_act": 0.0, "outliers_q": 0.0045},
+    "integer-only widths": {"mixed": False},
+    "per-column tables": {"layout": "column"},
+    "statistic mean|x|": {"statistic": "mean_abs"},
+    "statistic max|x|": {"statistic": "max_abs"},
+    "sequential calibration": {"sequential": True},
+}
+ABLATIONS = [
+    (f"{bits} bits: {name}", CMPQConfig(bits=bits, **fields))
+    for bits in (2.2, 3.0)
+    for name, fields in VARIANTS.items()
+]
+
+
+def evaluate_rows(model, tokenizer, base: dict, args, datasets) -> list[dict]:
+    rows = []
+    for dataset in datasets:
+        result = perplexity(model, tokenizer, dataset, args.seqlen, args.windows, progress=False)
+        rows.append(
+            {
+                **base,
+                "dataset": dataset,
+                "seqlen": args.seqlen,
+                "windows": args.windows,
+                "ppl": result.ppl,
+            }
+        )
+        print(
+            f"{base['setting']:<58} {base['bits']:.3f} bits {dataset:<10} {result.ppl:10.2f}",
+            flush=True,
+        )
+    return rows
+
+
+def write_outputs(rows: list[dict], name: str, command: str, sort: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| method | setting | bits (total stored) | WikiText-2 ppl | C4 ppl "
+        "| quant s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keyed: dict[tuple, dict] = {}
+    for row in rows:
+        keyed.setdefault((row["method"], row["setting"]), {**row})[row["dataset"]] = row["ppl"]
+    ordered = list(keyed.values())
+    if sort:
+        ordered.sort(key=lambda r: (r["method"], r["bits"]))
+    for row in ordered:
+        lines.append(
+            f"| {row['method']} | {row['setting']} | {row['bits']:.3f} | "
+            f"{row.get('wikitext2', float('nan')):.2f} | {row.get('c4', float('nan')):.2f} | "
+            f"{row['seconds']:.0f} | {row['peak_rss_bytes'] / 1e9:.2f} |"
+        )
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    if sort:
+        plot(rows, RESULTS / f"{name}.png")
+    else:
+        plot_bars(ordered, RESULTS / f"{name}.png")
+
+
+def plot_bars(rows: list[dict], path: Path) -> None:
+    """One bar per setting: WikiText-2 perplexity (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.2))
+    labels = [f"{r['setting']} ({r['bits']:.2f} b)" for r in rows]
+    axis.barh(labels, [r["wikitext2"] for r in rows])
+    axis.set_xscale("log")
+    axis.invert_yaxis()
+    axis.set_xlabel("WikiText-2 perplexity")
+    axis.grid(True, axis="x", which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(DATASETS), figsize=(11, 4.2))
+    for axis, dataset in zip(axes, DATASETS, strict=True):
+        for method, marker in [("fp", "*"), ("rtn", "s"), ("cmpq", "o")]:
+            points = sorted(
+                (r["bits"], r["ppl"])
+                for r in rows
+                if r["method"] == method and r["dataset"] == dataset
+            )
+            if points:
+                axis.plot(*zip(*points, strict=True), marker=marker, label=method)
+        axis.set_yscale("log")
+        axis.set_xlabel("total stored bits per weight (decoder linears)")
+        axis.set_ylabel("perplexity")
+        axis.set_title(dataset)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def calibration_stats(model, tokenizer, model_name: str):
+    """Statistics of the full-precision model for the default calibration, cached."""
+    config = CMPQConfig()
+    path = (
+        cache_dir()
+        / "stats"
+        / (
+            f"{model_name}-{config.calib}-{config.calib_samples}x{config.calib_seqlen}"
+            f"-seed{config.seed}.pt"
+        )
+    )
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        return saved["stats"], saved["seconds"]
+    start = time.perf_counter()
+    stats = collect_stats(model, calibration_batch(tokenizer, model, config), progress=True)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"stats": stats, "seconds": seconds}, path)
+    return stats, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", choices=["sweep", "ablations"], default="sweep")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seqlen", type=int, default=512)
+    args = parser.parse_args()
+    command = (
+        f"python benchmarks/cmpq_bench.py --suite {args.suite} --model {args.model} "
+        f"--windows {args.windows} --seqlen {args.seqlen}"
+    )
+    name = f"{args.suite}-{args.model}"
+    plan, datasets = (SWEEP, DATASETS) if args.suite == "sweep" else (ABLATIONS, DATASETS[:1])
+    rows: list[dict] = []
+
+    model, tokenizer = load_model(args.model)
+    params = sum(m.weight.numel() for m in quantizable_linears(model).values())
+    common = {"model": args.model, "params": params}
+    if args.suite == "sweep":
+        base = {
+            **common,
+            "method": "fp",
+            "setting": "fp32",
+            "bits": 16.0,
+            "seconds": 0.0,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        rows += evaluate_rows(model, tokenizer, base, args, datasets)
+        write_outputs(rows, name, command, sort=args.suite == "sweep")
+    stats, calibration_seconds = calibration_stats(model, tokenizer, args.model)
+    print(f"calibration: {calibration_seconds:.0f} s", flush=True)
+
+    for setting, config in plan:
+        model, tokenizer = load_model(args.model)
+        shared = isinstance(config, CMPQConfig) and not config.sequential
+        report = quantize(
+            model, config, tokenizer=tokenizer, progress=False, stats=stats if shared else None
+        )
+        base = {
+            **common,
+            "method": config.method,
+            "setting": setting,
+            "bits": report.effective_bits,
+            "code_bits": report.code_bits,
+            "bits_breakdown": report.as_dict()["bits_breakdown"],
+            "config": config.as_dict(),
+            "seconds": report.seconds,
+            "calibration_seconds": calibration_seconds if shared else 0.0,
+            "peak_rss_bytes": report.peak_rss_bytes,
+        }
+        rows += evaluate_rows(model, tokenizer, base, args, datasets)
+        write_outputs(rows, name, command, sort=args.suite == "sweep")
+
+
+if __name__ == "__main__":
+    main()
