@@ -137,7 +137,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(DATASETS), figsize=(11, 4.2))
     for axis, dataset in zip(axes, DATASETS, strict=True):
-        for method, marker in [("fp", "*"), ("rtn", "s"), ("cmpq", "o")]:
+        for row in rows:
+            if row["method"] == "fp" and row["dataset"] == dataset:
+                axis.axhline(row["ppl"], color="gray", linestyle="--", label="full precision")
+        for method, marker in [("rtn", "s"), ("cmpq", "o")]:
             points = sorted(
                 (r["bits"], r["ppl"])
                 for r in rows
@@ -184,12 +187,19 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument(
+        "--replot", action="store_true", help="rewrite the table and plot from the saved JSON"
+    )
     args = parser.parse_args()
     command = (
         f"python benchmarks/cmpq_bench.py --suite {args.suite} --model {args.model} "
         f"--windows {args.windows} --seqlen {args.seqlen}"
     )
     name = f"{args.suite}-{args.model}"
+    if args.replot:
+        saved = json.loads((RESULTS / f"{name}.json").read_text())
+        write_outputs(saved["rows"], name, saved["command"], sort=args.suite == "sweep")
+        return
     plan, datasets = (SWEEP, DATASETS) if args.suite == "sweep" else (ABLATIONS, DATASETS[:1])
     rows: list[dict] = []
 
