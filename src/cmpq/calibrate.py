@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import block_linears, decoder_blocks
+from .models import block_linears, decoder_blocks, in_features
 
 STATISTICS = ("l2", "mean_abs", "max_abs")
 
@@ -133,7 +133,7 @@ def measure_block(
 ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
     """Run ``block`` on every window, returning its linears' stats and its outputs."""
     linears = block_linears(block)
-    stats = {name: ChannelStats.zeros(_in_features(m)) for name, m in linears.items()}
+    stats = {name: ChannelStats.zeros(in_features(m)) for name, m in linears.items()}
 
     def measurer(name: str):
         def hook(module, args):
@@ -149,10 +149,6 @@ def measure_block(
         for handle in handles:
             handle.remove()
     return stats, outputs
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
 def for_each_block(

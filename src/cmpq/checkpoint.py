@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from .errors import CmpqError
+from .models import replace_module
 from .qlinear import STORED_NAMES, QuantizedLinear
 from .report import QuantizationReport
 
@@ -142,8 +143,7 @@ def _load_packed(path: Path, description: dict):
                 module = QuantizedLinear(
                     tensors, layer["out_features"], layer["in_features"], layer["layout"], bias
                 )
-                parent, _, attribute = name.rpartition(".")
-                setattr(model.get_submodule(parent), attribute, module)
+                replace_module(model, name, module)
         load_model(model, str(weights), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, KeyError, RuntimeError, ValueError) as exc:

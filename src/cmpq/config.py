@@ -73,8 +73,10 @@ class CMPQConfig:
                 )
         if self.calib_samples < 1 or self.calib_seqlen < 2 or self.kmeans_iters < 1:
             raise CmpqError("--calib-samples and --kmeans-iters must be >= 1, --calib-seqlen >= 2")
-        if self.calib not in BUILTIN_DATASETS and not self.calib:
-            raise CmpqError("--calib must name a dataset")
+        if not self.calib:
+            raise CmpqError(
+                f"--calib must name a dataset ({', '.join(BUILTIN_DATASETS)} or a path)"
+            )
 
     def as_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}

@@ -21,6 +21,7 @@ Outliers are kept exactly in fp16 and left out of the table fits:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,12 @@ class LUTLayer:
 
     @property
     def offsets(self) -> list[int]:
-        bounds = [0]
-        for size in self.group_sizes:
-            bounds.append(bounds[-1] + size)
-        return bounds
+        return group_offsets(self.group_sizes)
+
+
+def group_offsets(group_sizes: list[int]) -> list[int]:
+    """Where each bit-group starts among the permuted columns, plus the end."""
+    return [0, *itertools.accumulate(group_sizes)]
 
 
 def _group_table_fit(
@@ -156,9 +159,7 @@ def quantize_layer(
     out_features, in_features = weight.shape
     group_bits, group_sizes = groups_of(bits_per_channel)
     perm = torch.argsort(bits_per_channel, stable=True)
-    offsets = [0]
-    for size in group_sizes:
-        offsets.append(offsets[-1] + size)
+    offsets = group_offsets(group_sizes)
     scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
 
     nothing = torch.zeros_like(weight, dtype=torch.bool)

@@ -277,6 +277,16 @@ def quantizable_linears(model: nn.Module, include_lm_head: bool = False) -> dict
     return found
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted path ``name`` inside ``root``."""
+    parent, _, attribute = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attribute, module)
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_matrix(module).shape[1]
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
     weight = module.weight.data

@@ -19,6 +19,7 @@ from .models import (
     decoder_blocks,
     needs_bos,
     quantizable_linears,
+    replace_module,
     set_weight_matrix,
     weight_matrix,
 )
@@ -61,11 +62,6 @@ def calibration_batch(tokenizer, model, config: CMPQConfig) -> torch.Tensor:
     return sample_calibration(
         documents, tokenizer, config.calib_samples, config.calib_seqlen, config.seed, bos
     )
-
-
-def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attribute = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, attribute, module)
 
 
 def quantize_cmpq(
@@ -113,7 +109,7 @@ def quantize_cmpq(
                 seed=config.seed,
             )
             quantized = QuantizedLinear.from_layer(layer, module.bias)
-            _replace(block, name, quantized)
+            replace_module(block, name, quantized)
             report.add_layer(weight.numel(), stored_bits(quantized.stored_tensors()))
 
     if stats is None:
