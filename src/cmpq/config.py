@@ -43,7 +43,7 @@ class CMPQConfig:
     """
 
     bits: float = 2.5
-    layout: str = "row"  # "row": table per output row per bit-group; "column": per input column
+    layout: str = "column"  # "column": table per input column; "row": per output row per bit-group
     statistic: str = "l2"  # allocation statistic: "l2", "mean_abs" or "max_abs"
     outliers_act: float = 0.0005  # fraction of weights kept fp16 by activation magnitude
     outliers_q: float = 0.004  # fraction kept fp16 by activation-weighted quantization error
