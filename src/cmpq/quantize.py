@@ -89,19 +89,19 @@ def quantize_cmpq(
     report.code_bits = budget.code_bits
     act_fraction = min(config.outliers_act, budget.outlier_fraction)
 
-    def process(index: int, block: nn.Module, stats: dict[str, ChannelStats]) -> None:
+    def process(index: int, block: nn.Module, block_stats: dict[str, ChannelStats]) -> None:
         for name, module in block_linears(block).items():
             weight = weight_matrix(module)
             out_features, in_features = weight.shape
             bits = paper_allocation(
-                stats[name].statistic(config.statistic), budget.code_bits, config.mixed
+                block_stats[name].statistic(config.statistic), budget.code_bits, config.mixed
             )
             total = outlier_count(out_features, in_features, budget.outlier_fraction)
             act = min(outlier_count(out_features, in_features, act_fraction), total)
             layer = quantize_layer(
                 weight,
                 bits,
-                stats[name].energy(),
+                block_stats[name].energy(),
                 layout=config.layout,
                 act_outliers=act,
                 q_outliers=total - act,
