@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,26 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The side-by-side benchmark against the peers, in its own environment (the peers'
+# pins differ from the test set-up's). llama.cpp is built once into the cmpq cache.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_MODELS ?= smollm2-135m gemma3-270m
+
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	DISABLE_CUDA=1 $(BENCH_PY) -m pip install -q -c benchmarks/peers/constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	PIP=$(BENCH_VENV)/bin/pip benchmarks/peers/build_llama_cpp.sh
+	for model in $(BENCH_MODELS); do $(BENCH_PY) benchmarks/peers/run_peers.py --model $$model || exit 1; done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build src/*.egg-info
