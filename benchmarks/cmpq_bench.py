@@ -161,22 +161,26 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def calibration_stats(model, tokenizer, model_name: str):
-    """Statistics of the full-precision model for the default calibration, cached."""
+def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
+    """Statistics of the full-precision model for the default calibration, cached.
+
+    ``gram`` adds each linear's input Gram matrix (for error feedback).
+    """
     config = CMPQConfig()
     path = (
         cache_dir()
         / "stats"
         / (
             f"{model_name}-{config.calib}-{config.calib_samples}x{config.calib_seqlen}"
-            f"-seed{config.seed}.pt"
+            f"-seed{config.seed}{'-gram' if gram else ''}.pt"
         )
     )
     if path.is_file():
         saved = torch.load(path, weights_only=False)
         return saved["stats"], saved["seconds"]
     start = time.perf_counter()
-    stats = collect_stats(model, calibration_batch(tokenizer, model, config), progress=True)
+    batch = calibration_batch(tokenizer, model, config)
+    stats = collect_stats(model, batch, progress=True, gram=gram)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"stats": stats, "seconds": seconds}, path)

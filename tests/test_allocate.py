@@ -59,3 +59,54 @@ def test_more_bits_buy_more_code_bits():
 def test_impossible_budget_is_an_error():
     with pytest.raises(ValueError, match="below the smallest"):
         solve_budget([LayerShape(8, 8)], 2.0, "row", 0.0)
+
+
+def test_lagrangian_widths_match_brute_force_on_convex_channels():
+    import itertools
+
+    from cmpq.allocate import lagrangian_widths
+
+    generator = torch.Generator().manual_seed(1)
+    cost = torch.tensor([[1.0, 2.0, 3.0, 4.0]]).expand(5, -1).double()
+    scale = torch.rand(5, 1, generator=generator).double() * 10 + 0.1
+    distortion = scale * torch.tensor([[1.0, 0.3, 0.1, 0.04]]).double()  # convex, decreasing
+    for budget in (5.0, 9.0, 12.0, 17.0, 20.0):
+        choice = lagrangian_widths(distortion, cost, budget)
+        spent = cost.gather(1, choice.unsqueeze(1)).sum().item()
+        got = distortion.gather(1, choice.unsqueeze(1)).sum().item()
+        feasible = [
+            sum(distortion[i, o].item() for i, o in enumerate(options))
+            for options in itertools.product(range(4), repeat=5)
+            if sum(cost[i, o].item() for i, o in enumerate(options)) <= budget
+        ]
+        assert spent <= budget
+        # optimal among allocations spending no more than it does
+        assert (
+            got
+            <= min(
+                sum(distortion[i, o].item() for i, o in enumerate(options))
+                for options in itertools.product(range(4), repeat=5)
+                if sum(cost[i, o].item() for i, o in enumerate(options)) <= spent
+            )
+            + 1e-9
+        )
+        assert got >= min(feasible) - 1e-9
+
+
+def test_rd_plan_lands_under_the_target_and_favours_costly_channels():
+    from cmpq.allocate import RD_WIDTHS, rd_plan
+
+    shapes = {"a": LayerShape(256, 128), "b": LayerShape(192, 128)}
+    generator = torch.Generator().manual_seed(0)
+    widths = torch.tensor(RD_WIDTHS).double()
+    distortions = {
+        name: (torch.rand(128, 1, generator=generator).double() * 100 + 1) * 4.0 ** (-widths)
+        for name in shapes
+    }
+    distortions["a"][0] *= 1000  # one channel matters far more
+    for target in (2.2, 3.0, 4.0):
+        plan = rd_plan(shapes, distortions, target, 0.0045)
+        assert target - 0.05 <= plan.total_bits <= target
+        assert int(plan.widths["a"][0]) == max(int(w) for w in plan.widths["a"])
+        for name, shape in shapes.items():
+            assert plan.widths[name].shape == (shape.in_features,)

@@ -89,6 +89,7 @@ BAD_INPUTS = [
         ["quantize", "{tiny}", "--calib", "/no/such.jsonl", "--out", "{out}"],
         "neither a built-in dataset",
     ),
+    (["quantize", "{tiny}", "--damp", "0", "--out", "{out}"], "--damp must be in (0, 1]"),
     (["quantize", "{tiny}", "--out", "{nonempty}"], "not empty; pass --overwrite"),
 ]
 

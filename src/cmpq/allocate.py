@@ -26,6 +26,7 @@ OUTLIER_VALUE_BITS = 16  # fp16
 ROW_POINTER_BITS = 32  # int32 CSR row pointers
 GROUP_HEADER_BITS = 8 + 32  # uint8 width + int32 column count per bit-group
 LAYOUTS = ("row", "column")
+ALLOCATIONS = ("paper", "rd")
 
 
 def index_bits(count: int) -> int:
@@ -159,12 +160,140 @@ def solve_budget(
             f"({lowest:.3f} with 1-bit codes and {outlier_fraction:.2%} outliers)"
         )
     code_bits = max(fitting)
-    cost = model_cost(shapes, code_bits, layout, outlier_fraction, mixed)
+
+    def cost_at(fraction: float) -> int:
+        return model_cost(shapes, code_bits, layout, fraction, mixed)
+
+    fraction, cost = top_up_outliers(cost_at, outlier_fraction, budget, params)
+    return Budget(code_bits, fraction, cost, params)
+
+
+def top_up_outliers(cost_at, fraction: float, budget: float, params: int) -> tuple[float, int]:
+    """The largest outlier fraction from ``fraction`` up whose total ``cost_at`` fits
+    ``budget``: what the code widths leave of the budget buys more fp16 outliers."""
+    cost = cost_at(fraction)
     per_outlier = OUTLIER_VALUE_BITS + 16
     extra = (budget - cost) / (per_outlier * params)
     while extra > 0:
-        trial = model_cost(shapes, code_bits, layout, outlier_fraction + extra, mixed)
+        trial = cost_at(fraction + extra)
         if trial <= budget:
-            return Budget(code_bits, outlier_fraction + extra, trial, params)
+            return fraction + extra, trial
         extra -= (trial - budget) / (per_outlier * params) + 1 / params
-    return Budget(code_bits, outlier_fraction, cost, params)
+    return fraction, cost
+
+
+# --- rate-distortion allocation (column layout) ---------------------------------
+
+RD_WIDTHS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def column_width_costs(out_features: int, widths: tuple[int, ...] = RD_WIDTHS) -> torch.Tensor:
+    """Stored bits of one input column at each width: its codes and its fp16 table."""
+    return torch.tensor(
+        [out_features * b + 2**b * LUT_ENTRY_BITS for b in widths], dtype=torch.float64
+    )
+
+
+def lagrangian_widths(
+    distortion: torch.Tensor, cost: torch.Tensor, budget: float, iters: int = 100
+) -> torch.Tensor:
+    """For every channel (rows of ``distortion``/``cost`` ``[N, W]``) the option index
+    minimising ``D + λ C``, with the smallest ``λ`` whose total cost fits ``budget``.
+
+    The total cost falls as ``λ`` grows, so ``λ`` is found by bisection on its
+    logarithm; every channel then sits on the lower convex hull of its own
+    (cost, distortion) points, at the slope shared by all channels: no bit can be
+    moved from one channel to another and lower the total distortion.
+    """
+
+    def choice(lam: float) -> torch.Tensor:
+        return (distortion + lam * cost).argmin(dim=1)
+
+    def total(index: torch.Tensor) -> float:
+        return cost.gather(1, index.unsqueeze(1)).sum().item()
+
+    cheapest = cost.argmin(dim=1)
+    if total(cheapest) > budget:
+        raise ValueError("the budget is below the cheapest width of every channel")
+    lo, hi = -60.0, 60.0  # log2 of λ: 2^-60 takes the richest option, 2^60 the cheapest
+    if total(choice(2.0**lo)) <= budget:
+        return choice(2.0**lo)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if total(choice(2.0**mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return choice(2.0**hi)
+
+
+def _rd_reserved_bits(shape: LayerShape, outlier_fraction: float, widths: tuple[int, ...]) -> int:
+    """What a layer stores besides codes and tables, at most: permutation, a header
+    and a byte of packing slack per possible width, and the requested outliers."""
+    outliers = outlier_count(shape.out_features, shape.in_features, outlier_fraction)
+    empty = layer_cost(shape, list(widths), [0] * len(widths), "column", outliers)
+    return empty["outliers"] + empty["metadata"] + 8 * len(widths)
+
+
+@dataclass(frozen=True)
+class RDPlan:
+    """Rate-distortion allocation: widths per layer and the outlier fraction filling the rest."""
+
+    widths: dict[str, torch.Tensor]
+    outlier_fraction: float
+    stored_bits: int
+    params: int
+
+    @property
+    def total_bits(self) -> float:
+        return self.stored_bits / self.params
+
+
+def rd_plan(
+    shapes: dict[str, LayerShape],
+    distortions: dict[str, torch.Tensor],
+    target_bits: float,
+    outlier_fraction: float,
+    widths: tuple[int, ...] = RD_WIDTHS,
+) -> RDPlan:
+    """Widths for every channel of every layer at once, minimising the summed
+    distortion under the exact total budget (column layout).
+
+    Codes and tables are priced per channel; metadata (permutation, one header
+    per width) and the requested outliers are set aside first, and what the
+    chosen widths leave is spent on more outliers, as with the paper rule.
+    """
+    params = sum(shape.numel for shape in shapes.values())
+    budget = target_bits * params
+    reserved = sum(_rd_reserved_bits(shape, outlier_fraction, widths) for shape in shapes.values())
+    names = list(shapes)
+    distortion = torch.cat([distortions[n] for n in names])
+    cost = torch.cat(
+        [column_width_costs(shapes[n].out_features, widths).expand(shapes[n].in_features, -1)
+         for n in names]
+    )  # fmt: skip
+    try:
+        choice = lagrangian_widths(distortion, cost, budget - reserved)
+    except ValueError:
+        raise ValueError(
+            f"{target_bits} bits per weight is below the smallest rd allocation can store"
+        ) from None
+    table = torch.tensor(widths)
+    chosen, start = {}, 0
+    for n in names:
+        stop = start + shapes[n].in_features
+        chosen[n] = table[choice[start:stop]]
+        start = stop
+
+    def cost_at(fraction: float) -> int:
+        total = 0
+        for n in names:
+            group_bits, group_sizes = groups_of(chosen[n])
+            outliers = outlier_count(shapes[n].out_features, shapes[n].in_features, fraction)
+            total += sum(
+                layer_cost(shapes[n], group_bits, group_sizes, "column", outliers).values()
+            )
+        return total
+
+    fraction, stored = top_up_outliers(cost_at, outlier_fraction, budget, params)
+    return RDPlan(chosen, fraction, stored, params)

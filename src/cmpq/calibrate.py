@@ -35,13 +35,15 @@ class ChannelStats:
     sum_abs: torch.Tensor
     max_abs: torch.Tensor
     tokens: int = 0
+    gram: torch.Tensor | None = None  # [in, in] sum of x xᵀ, for error feedback
 
     @classmethod
-    def zeros(cls, channels: int) -> ChannelStats:
+    def zeros(cls, channels: int, gram: bool = False) -> ChannelStats:
         return cls(
             torch.zeros(channels, dtype=torch.float64),
             torch.zeros(channels, dtype=torch.float64),
             torch.zeros(channels, dtype=torch.float32),
+            gram=torch.zeros(channels, channels, dtype=torch.float64) if gram else None,
         )
 
     def update(self, x: torch.Tensor) -> None:
@@ -128,23 +130,44 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return output[0] if isinstance(output, tuple) else output
 
 
+def window_gram(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t x_t x_tᵀ`` over one window's tokens: float32 products, float64 result
+    (each window's 512-token sum is exact enough in float32; the float64
+    accumulator keeps the sum over windows)."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    return (flat.t() @ flat).double()
+
+
 def measure_block(
-    block: nn.Module, hidden: list[torch.Tensor], kwargs: dict
+    block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, gram: bool = False
 ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
-    """Run ``block`` on every window, returning its linears' stats and its outputs."""
+    """Run ``block`` on every window, returning its linears' stats and its outputs.
+
+    With ``gram`` each linear also accumulates its input Gram matrix; linears fed
+    the same tensor (q/k/v, gate/up) share one product per window.
+    """
     linears = block_linears(block)
-    stats = {name: ChannelStats.zeros(in_features(m)) for name, m in linears.items()}
+    stats = {name: ChannelStats.zeros(in_features(m), gram) for name, m in linears.items()}
+    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def measurer(name: str):
         def hook(module, args):
-            stats[name].update(args[0])
+            x = args[0]
+            stats[name].update(x)
+            if gram:
+                if id(x) not in products:  # x is held below, so its id is not reused
+                    products[id(x)] = (x, window_gram(x))
+                stats[name].gram += products[id(x)][1]
 
         return hook
 
     handles = [m.register_forward_pre_hook(measurer(name)) for name, m in linears.items()]
+    outputs = []
     try:
         with torch.inference_mode():
-            outputs = [run_block(block, h, kwargs) for h in hidden]
+            for h in hidden:
+                outputs.append(run_block(block, h, kwargs))
+                products.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -157,6 +180,7 @@ def for_each_block(
     process: Callable[[int, nn.Module, dict[str, ChannelStats]], None],
     sequential: bool = False,
     progress: bool = True,
+    gram: bool = False,
 ) -> None:
     """Calibrate block by block, calling ``process(index, block, stats)`` for each."""
     captured = capture_block_inputs(model, batch)
@@ -164,7 +188,7 @@ def for_each_block(
     _, blocks = decoder_blocks(model)
     for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
         kwargs = captured.kwargs_by_block[index]
-        stats, outputs = measure_block(block, hidden, kwargs)
+        stats, outputs = measure_block(block, hidden, kwargs, gram)
         process(index, block, stats)
         if sequential:
             with torch.inference_mode():
@@ -172,7 +196,9 @@ def for_each_block(
         hidden = outputs
 
 
-def collect_stats(model: nn.Module, batch: torch.Tensor, progress: bool = False) -> dict:
+def collect_stats(
+    model: nn.Module, batch: torch.Tensor, progress: bool = False, gram: bool = False
+) -> dict:
     """Statistics of every decoder linear of the full-precision model, by full name."""
     prefix, _ = decoder_blocks(model)
     collected: dict[str, ChannelStats] = {}
@@ -181,5 +207,5 @@ def collect_stats(model: nn.Module, batch: torch.Tensor, progress: bool = False)
         for name, value in stats.items():
             collected[f"{prefix}.{index}.{name}"] = value
 
-    for_each_block(model, batch, keep, progress=progress)
+    for_each_block(model, batch, keep, progress=progress, gram=gram)
     return collected

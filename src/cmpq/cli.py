@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from . import __version__
-from .allocate import LAYOUTS
+from .allocate import ALLOCATIONS, LAYOUTS
 from .calibrate import STATISTICS
 from .checkpoint import check_output_dir, save_quantized
 from .config import CMPQConfig, RTNConfig
@@ -89,6 +89,9 @@ def config_from_args(args: argparse.Namespace):
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
         sequential=args.sequential,
+        allocation=args.allocation,
+        error_feedback=args.error_feedback,
+        damp=args.damp,
     )
 
 
@@ -201,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential",
         action="store_true",
         help="calibrate each block on the outputs of the quantized ones",
+    )
+    cmpq_options.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default=defaults.allocation,
+        help="paper: the same widths in every layer, extra bit to the loudest channels; "
+        "rd: widths for all channels of all layers at once, by measured distortion per bit",
+    )
+    cmpq_options.add_argument(
+        "--error-feedback",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.error_feedback,
+        help="GPTQ-style feedback of each column's rounding error onto the columns after it",
+    )
+    cmpq_options.add_argument(
+        "--damp",
+        type=float,
+        default=defaults.damp,
+        help="error feedback: damping of XᵀX as a fraction of its mean diagonal",
     )
     quant.add_argument("--out", required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

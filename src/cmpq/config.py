@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .allocate import LAYOUTS
+from .allocate import ALLOCATIONS, LAYOUTS
 from .calibrate import STATISTICS
 from .data import BUILTIN_DATASETS
 from .errors import CmpqError
@@ -54,6 +54,9 @@ class CMPQConfig:
     calib_samples: int = 128
     calib_seqlen: int = 512
     sequential: bool = False
+    allocation: str = "paper"  # "paper": same widths in every layer; "rd": rate-distortion
+    error_feedback: bool = False  # GPTQ-style feedback of each column's error (needs XᵀX)
+    damp: float = 0.01  # error feedback: damping of XᵀX, as a fraction of its mean diagonal
 
     method = "cmpq"
 
@@ -65,6 +68,14 @@ class CMPQConfig:
             )
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("statistic", self.statistic, STATISTICS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation == "rd" and self.layout != "column":
+            raise CmpqError("--allocation rd prices each input column alone: use --layout column")
+        if self.allocation == "rd" and self.sequential:
+            raise CmpqError(
+                "--allocation rd needs every layer's statistics before the first is quantized; "
+                "it does not combine with --sequential"
+            )
         for name in ("outliers_act", "outliers_q"):
             value = getattr(self, name)
             if not 0 <= value <= 0.1:
@@ -73,6 +84,8 @@ class CMPQConfig:
                 )
         if self.calib_samples < 1 or self.calib_seqlen < 2 or self.kmeans_iters < 1:
             raise CmpqError("--calib-samples and --kmeans-iters must be >= 1, --calib-seqlen >= 2")
+        if not 0 < self.damp <= 1:
+            raise CmpqError(f"--damp must be in (0, 1] (got {self.damp})")
         if not self.calib:
             raise CmpqError(
                 f"--calib must name a dataset ({', '.join(BUILTIN_DATASETS)} or a path)"

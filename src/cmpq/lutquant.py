@@ -128,7 +128,7 @@ def _fit_tables(
     return luts, codes
 
 
-def _top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor) -> torch.Tensor:
+def top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the ``count`` largest scores outside ``exclude``."""
     mask = torch.zeros_like(exclude)
     if count <= 0:
@@ -163,14 +163,14 @@ def quantize_layer(
     scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
 
     nothing = torch.zeros_like(weight, dtype=torch.bool)
-    act_mask = _top_entries(weight.abs() * scale, act_outliers, nothing)
+    act_mask = top_entries(weight.abs() * scale, act_outliers, nothing)
     fit = (weight, energy, ~act_mask, group_bits, offsets, perm, layout, iters, seed)
     luts, codes = _fit_tables(*fit)
     outlier_mask = act_mask
     if q_outliers > 0:
         first = _assemble(weight.shape, perm, offsets, codes, luts, layout)
         error = (weight - first).abs() * scale
-        outlier_mask = act_mask | _top_entries(error, q_outliers, act_mask)
+        outlier_mask = act_mask | top_entries(error, q_outliers, act_mask)
         luts, codes = _fit_tables(weight, energy, ~outlier_mask, *fit[3:], start=luts)
     rows, cols = outlier_mask.nonzero(as_tuple=True)
     return LUTLayer(
@@ -276,3 +276,29 @@ def stored_bits(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         kind: sum(8 * tensors[n].numel() * tensors[n].element_size() for n in names if n in tensors)
         for kind, names in kinds.items()
     }
+
+
+def column_distortions(
+    weight: torch.Tensor,
+    energy: torch.Tensor,
+    keep: torch.Tensor,
+    widths: tuple[int, ...],
+    iters: int = 10,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``[in, len(widths)]``: each input column's output distortion at each width.
+
+    The distortion of column j at width b is ``E[x_j²] * sum_i (W_ij - Q_b(W_ij))²``
+    with ``Q_b`` the column's own 2**b-entry k-means table (the column layout's
+    quantizer, fitted with plain Lloyd iterations for speed); entries with
+    ``keep=False`` (outliers) count nothing.
+    """
+    values, mask = weight.float().t(), keep.t().float()
+    columns = []
+    for bits in widths:
+        centroids, assignment = weighted_kmeans_1d(
+            values, mask, 2**bits, iters=iters, seed=seed, refine=False
+        )
+        error = (values - centroids.half().float().gather(1, assignment)).square() * mask
+        columns.append(error.sum(dim=1).double() * energy.double())
+    return torch.stack(columns, dim=1)

@@ -8,12 +8,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import LayerShape, outlier_count, paper_allocation, solve_budget
-from .calibrate import ChannelStats, for_each_block
+from .allocate import (
+    RD_WIDTHS,
+    LayerShape,
+    outlier_count,
+    paper_allocation,
+    rd_plan,
+    solve_budget,
+)
+from .calibrate import ChannelStats, collect_stats, for_each_block
 from .config import CMPQConfig, RTNConfig
 from .data import load_documents, sample_calibration
 from .errors import CmpqError
-from .lutquant import quantize_layer, stored_bits
+from .feedback import quantize_layer_feedback
+from .lutquant import column_distortions, quantize_layer, stored_bits, top_entries
 from .models import (
     block_linears,
     decoder_blocks,
@@ -79,51 +87,101 @@ def quantize_cmpq(
     """
     start = time.perf_counter()
     linears = quantizable_linears(model)
-    shapes = [LayerShape(*weight_matrix(m).shape) for m in linears.values()]
+    shapes = {name: LayerShape(*weight_matrix(m).shape) for name, m in linears.items()}
     outlier_fraction = config.outliers_act + config.outliers_q
+    report = QuantizationReport(method=config.method, config=config.as_dict())
+    plan = None
     try:
-        budget = solve_budget(shapes, config.bits, config.layout, outlier_fraction, config.mixed)
+        if config.allocation == "rd":
+            if stats is None:
+                stats = collect_stats(model, calibration, progress, gram=config.error_feedback)
+            distortions = rd_distortions(linears, stats, config, progress)
+            plan = rd_plan(shapes, distortions, config.bits, outlier_fraction)
+            final_fraction = plan.outlier_fraction
+            report.code_bits = (
+                sum(float(plan.widths[n].sum()) * shapes[n].out_features for n in shapes)
+                / plan.params
+            )
+        else:
+            budget = solve_budget(
+                list(shapes.values()), config.bits, config.layout, outlier_fraction, config.mixed
+            )
+            final_fraction = budget.outlier_fraction
+            report.code_bits = budget.code_bits
     except ValueError as exc:
         raise CmpqError(str(exc)) from None
-    report = QuantizationReport(method=config.method, config=config.as_dict())
-    report.code_bits = budget.code_bits
-    act_fraction = min(config.outliers_act, budget.outlier_fraction)
+    act_fraction = min(config.outliers_act, final_fraction)
+    prefix, _ = decoder_blocks(model)
 
     def process(index: int, block: nn.Module, block_stats: dict[str, ChannelStats]) -> None:
         for name, module in block_linears(block).items():
             weight = weight_matrix(module)
             out_features, in_features = weight.shape
-            bits = paper_allocation(
-                block_stats[name].statistic(config.statistic), budget.code_bits, config.mixed
-            )
-            total = outlier_count(out_features, in_features, budget.outlier_fraction)
+            if plan is not None:
+                bits = plan.widths[f"{prefix}.{index}.{name}"]
+            else:
+                statistic = block_stats[name].statistic(config.statistic)
+                bits = paper_allocation(statistic, budget.code_bits, config.mixed)
+            total = outlier_count(out_features, in_features, final_fraction)
             act = min(outlier_count(out_features, in_features, act_fraction), total)
-            layer = quantize_layer(
-                weight,
-                bits,
-                block_stats[name].energy(),
-                layout=config.layout,
-                act_outliers=act,
-                q_outliers=total - act,
-                iters=config.kmeans_iters,
-                seed=config.seed,
-            )
+            options = {
+                "layout": config.layout,
+                "act_outliers": act,
+                "q_outliers": total - act,
+                "iters": config.kmeans_iters,
+                "seed": config.seed,
+            }
+            energy = block_stats[name].energy()
+            if config.error_feedback:
+                gram = block_stats[name].gram
+                if gram is None:
+                    raise CmpqError(
+                        "error feedback needs statistics collected with gram=True "
+                        "(cmpq.calibrate.collect_stats(..., gram=True))"
+                    )
+                layer = quantize_layer_feedback(
+                    weight, bits, energy, gram, damp=config.damp, **options
+                )
+            else:
+                layer = quantize_layer(weight, bits, energy, **options)
             quantized = QuantizedLinear.from_layer(layer, module.bias)
             replace_module(block, name, quantized)
             report.add_layer(weight.numel(), stored_bits(quantized.stored_tensors()))
 
     if stats is None:
-        for_each_block(model, calibration, process, config.sequential, progress)
+        for_each_block(
+            model, calibration, process, config.sequential, progress, config.error_feedback
+        )
     else:
         if config.sequential:
             raise CmpqError("precomputed statistics cannot be used with sequential calibration")
-        prefix, blocks = decoder_blocks(model)
+        _, blocks = decoder_blocks(model)
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             names = block_linears(block)
             process(index, block, {name: stats[f"{prefix}.{index}.{name}"] for name in names})
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def rd_distortions(
+    linears: dict[str, nn.Module], stats: dict[str, ChannelStats], config: CMPQConfig, progress
+) -> dict[str, torch.Tensor]:
+    """Every column's output distortion at each candidate width, by full linear name.
+
+    The O_act outliers the layer will keep are left out of the fits, as they
+    will be at quantization time.
+    """
+    distortions = {}
+    for name, module in tqdm(linears.items(), desc="rd", unit="linear", disable=not progress):
+        weight = weight_matrix(module).float()
+        energy = stats[name].energy()
+        scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
+        act = outlier_count(*weight.shape, config.outliers_act)
+        nothing = torch.zeros_like(weight, dtype=torch.bool)
+        keep = ~top_entries(weight.abs() * scale, act, nothing)
+        distortions[name] = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
+    return distortions
 
 
 def quantize(

@@ -1,0 +1,164 @@
+"""Error-compensated look-up-table quantization: GPTQ's column-by-column error
+feedback with non-uniform tables, mixed per-channel widths and fp16 outliers.
+
+With ``H = XᵀX`` (the layer's input Gram matrix) the output error of a weight
+change ``dW`` is ``tr(dW H dWᵀ)``. Quantizing the input columns one at a time
+and spreading each column's rounding error onto the columns not yet quantized,
+weighted by the inverse Hessian (GPTQ, Frantar et al. 2022), makes the later
+columns absorb the earlier ones' error. Here a column is rounded to its own
+look-up table instead of a uniform grid:
+
+- ``column`` layout: the tables of a block of columns are fitted (k-means) on
+  the weights as they are when the block starts, i.e. after the feedback of
+  every earlier block;
+- ``row`` layout: the row tables are fitted once on the original weights and
+  every column rounds to its row's table.
+
+Columns are visited in storage order (by width, fewest bits first), so the
+widest channels — the most active ones — come last and absorb the most error.
+Outliers (chosen as in :func:`cmpq.lutquant.quantize_layer`) are stored
+exactly as their value at their turn, so they carry no error forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .allocate import groups_of
+from .kmeans import weighted_kmeans_1d
+from .lutquant import (
+    LUTLayer,
+    _assemble,
+    _fit_tables,
+    group_offsets,
+    quantize_layer,
+    top_entries,
+)
+
+
+def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` (float32), GPTQ's update operator.
+
+    ``λ`` is ``damp`` times the mean diagonal; channels that never activate get
+    a unit diagonal (their weights do not affect the output). The damping is
+    raised tenfold until the factorization succeeds.
+    """
+    hessian = gram.double().clone()
+    diagonal = hessian.diagonal()
+    diagonal[diagonal <= 0] = 1.0
+    mean = diagonal.mean().item()
+    for attempt in range(6):
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * 10**attempt * mean)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper.float()
+    raise ValueError("the calibration Gram matrix is not positive definite even when damped")
+
+
+def _column_tables(values: torch.Tensor, keep: torch.Tensor, bits: int, iters: int, seed: int):
+    """k-means tables (fp16) for each column of ``values [out, n]``: ``[n, 2^bits]``."""
+    centroids, _ = weighted_kmeans_1d(values.t(), keep.t().float(), 2**bits, iters=iters, seed=seed)
+    return centroids.half()
+
+
+def quantize_layer_feedback(
+    weight: torch.Tensor,
+    bits_per_channel: torch.Tensor,
+    energy: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    layout: str = "column",
+    act_outliers: int = 0,
+    q_outliers: int = 0,
+    iters: int = 25,
+    seed: int = 0,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> LUTLayer:
+    """Like :func:`cmpq.lutquant.quantize_layer`, with GPTQ-style error feedback.
+
+    ``gram`` is the ``[in, in]`` sum of ``x xᵀ`` over the calibration tokens.
+    """
+    weight = weight.float().contiguous()
+    out_features, in_features = weight.shape
+    group_bits, group_sizes = groups_of(bits_per_channel)
+    perm = torch.argsort(bits_per_channel, stable=True)
+    offsets = group_offsets(group_sizes)
+    scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
+
+    nothing = torch.zeros_like(weight, dtype=torch.bool)
+    outliers = top_entries(weight.abs() * scale, act_outliers, nothing)
+    if q_outliers > 0:  # ranked by the error of a feedback-free fit, as quantize_layer does
+        first = quantize_layer(
+            weight, bits_per_channel, energy, layout=layout, act_outliers=act_outliers,
+            iters=iters, seed=seed,
+        )  # fmt: skip
+        error = weight - _assemble(weight.shape, perm, offsets, first.codes, first.luts, layout)
+        outliers = outliers | top_entries(error.abs() * scale, q_outliers, outliers)
+
+    work = weight[:, perm].clone()
+    exact = outliers[:, perm]
+    factor = inverse_hessian_factor(gram[perm][:, perm], damp)
+    column_group = torch.repeat_interleave(torch.arange(len(group_bits)), torch.tensor(group_sizes))
+    if layout == "row":
+        fit = (weight, energy, ~outliers, group_bits, offsets, perm, layout, iters, seed)
+        row_tables, _ = _fit_tables(*fit)
+    column_tables: list[torch.Tensor | None] = [None] * in_features
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    quantized = torch.zeros_like(work)
+
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        if layout == "column":
+            for g in column_group[start:stop].unique().tolist():
+                lo, hi = max(start, offsets[g]), min(stop, offsets[g + 1])
+                fitted = _column_tables(
+                    work[:, lo:hi], ~exact[:, lo:hi], group_bits[g], iters, seed
+                )
+                column_tables[lo:hi] = list(fitted)
+        block = work[:, start:stop]
+        errors = torch.zeros_like(block)
+        for j in range(stop - start):
+            column = start + j
+            values = block[:, j]
+            if layout == "column":
+                table = column_tables[column].float().unsqueeze(0)
+            else:
+                table = row_tables[column_group[column]].float()
+            code = (values.unsqueeze(1) - table).abs().argmin(dim=1)
+            rounded = table.expand(out_features, -1).gather(1, code.unsqueeze(1)).squeeze(1)
+            keep = exact[:, column]
+            rounded = torch.where(keep, values.half().float(), rounded)
+            codes[:, column] = code.to(torch.uint8)
+            quantized[:, column] = rounded
+            error = (values - rounded) / factor[column, column]
+            block[:, j + 1 :] -= error.unsqueeze(1) * factor[column, column + 1 : stop].unsqueeze(0)
+            errors[:, j] = error
+        work[:, stop:] -= errors @ factor[start:stop, stop:]
+
+    if layout == "column":
+        luts = [
+            torch.stack(column_tables[offsets[g] : offsets[g + 1]]) for g in range(len(group_bits))
+        ]
+    else:
+        luts = row_tables
+    restored = torch.empty_like(quantized)
+    restored[:, perm] = quantized
+    rows, cols = outliers.nonzero(as_tuple=True)
+    return LUTLayer(
+        out_features=out_features,
+        in_features=in_features,
+        layout=layout,
+        group_bits=group_bits,
+        group_sizes=group_sizes,
+        perm=perm,
+        codes=[codes[:, offsets[g] : offsets[g + 1]].contiguous() for g in range(len(group_bits))],
+        luts=luts,
+        outlier_rows=rows,
+        outlier_cols=cols,
+        outlier_values=restored[rows, cols].half(),
+    )
