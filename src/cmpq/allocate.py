@@ -114,18 +114,23 @@ def model_cost(
     return total
 
 
-@dataclass(frozen=True)
-class Budget:
-    """The solved operating point: code bits and the outlier fraction that fill the target."""
-
-    code_bits: float
-    outlier_fraction: float
+class _TotalBits:
     stored_bits: int
     params: int
 
     @property
     def total_bits(self) -> float:
         return self.stored_bits / self.params
+
+
+@dataclass(frozen=True)
+class Budget(_TotalBits):
+    """The solved operating point: code bits and the outlier fraction that fill the target."""
+
+    code_bits: float
+    outlier_fraction: float
+    stored_bits: int
+    params: int
 
 
 def solve_budget(
@@ -236,17 +241,13 @@ def _rd_reserved_bits(shape: LayerShape, outlier_fraction: float, widths: tuple[
 
 
 @dataclass(frozen=True)
-class RDPlan:
+class RDPlan(_TotalBits):
     """Rate-distortion allocation: widths per layer and the outlier fraction filling the rest."""
 
     widths: dict[str, torch.Tensor]
     outlier_fraction: float
     stored_bits: int
     params: int
-
-    @property
-    def total_bits(self) -> float:
-        return self.stored_bits / self.params
 
 
 def rd_plan(

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from .allocate import groups_of
 from .kmeans import weighted_kmeans_1d
 from .lutquant import (
     LUTLayer,
     _assemble,
     _fit_tables,
-    group_offsets,
+    activation_outliers,
+    activation_scale,
     quantize_layer,
+    storage_order,
     top_entries,
 )
 
@@ -85,13 +86,9 @@ def quantize_layer_feedback(
     """
     weight = weight.float().contiguous()
     out_features, in_features = weight.shape
-    group_bits, group_sizes = groups_of(bits_per_channel)
-    perm = torch.argsort(bits_per_channel, stable=True)
-    offsets = group_offsets(group_sizes)
-    scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
-
-    nothing = torch.zeros_like(weight, dtype=torch.bool)
-    outliers = top_entries(weight.abs() * scale, act_outliers, nothing)
+    group_bits, group_sizes, perm, offsets = storage_order(bits_per_channel)
+    scale = activation_scale(energy)
+    outliers = activation_outliers(weight, scale, act_outliers)
     if q_outliers > 0:  # ranked by the error of a feedback-free fit, as quantize_layer does
         first = quantize_layer(
             weight, bits_per_channel, energy, layout=layout, act_outliers=act_outliers,

@@ -138,6 +138,24 @@ def top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor) -> torch
     return mask
 
 
+def storage_order(bits_per_channel: torch.Tensor):
+    """Bit-group widths and sizes, the column permutation, and the group offsets."""
+    group_bits, group_sizes = groups_of(bits_per_channel)
+    perm = torch.argsort(bits_per_channel, stable=True)
+    return group_bits, group_sizes, perm, group_offsets(group_sizes)
+
+
+def activation_scale(energy: torch.Tensor) -> torch.Tensor:
+    """``[1, in]`` RMS activation per input channel: the weight of an error in its column."""
+    return energy.float().clamp_min(0).sqrt().unsqueeze(0)
+
+
+def activation_outliers(weight: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
+    """O_act: the ``count`` entries with the largest ``|W_ij| * s_j``."""
+    nothing = torch.zeros_like(weight, dtype=torch.bool)
+    return top_entries(weight.abs() * scale, count, nothing)
+
+
 def quantize_layer(
     weight: torch.Tensor,
     bits_per_channel: torch.Tensor,
@@ -157,13 +175,9 @@ def quantize_layer(
     """
     weight = weight.float().contiguous()
     out_features, in_features = weight.shape
-    group_bits, group_sizes = groups_of(bits_per_channel)
-    perm = torch.argsort(bits_per_channel, stable=True)
-    offsets = group_offsets(group_sizes)
-    scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
-
-    nothing = torch.zeros_like(weight, dtype=torch.bool)
-    act_mask = top_entries(weight.abs() * scale, act_outliers, nothing)
+    group_bits, group_sizes, perm, offsets = storage_order(bits_per_channel)
+    scale = activation_scale(energy)
+    act_mask = activation_outliers(weight, scale, act_outliers)
     fit = (weight, energy, ~act_mask, group_bits, offsets, perm, layout, iters, seed)
     luts, codes = _fit_tables(*fit)
     outlier_mask = act_mask

@@ -21,7 +21,13 @@ from .config import CMPQConfig, RTNConfig
 from .data import load_documents, sample_calibration
 from .errors import CmpqError
 from .feedback import quantize_layer_feedback
-from .lutquant import column_distortions, quantize_layer, stored_bits, top_entries
+from .lutquant import (
+    activation_outliers,
+    activation_scale,
+    column_distortions,
+    quantize_layer,
+    stored_bits,
+)
 from .models import (
     block_linears,
     decoder_blocks,
@@ -176,10 +182,8 @@ def rd_distortions(
     for name, module in tqdm(linears.items(), desc="rd", unit="linear", disable=not progress):
         weight = weight_matrix(module).float()
         energy = stats[name].energy()
-        scale = energy.float().clamp_min(0).sqrt().unsqueeze(0)
         act = outlier_count(*weight.shape, config.outliers_act)
-        nothing = torch.zeros_like(weight, dtype=torch.bool)
-        keep = ~top_entries(weight.abs() * scale, act, nothing)
+        keep = ~activation_outliers(weight, activation_scale(energy), act)
         distortions[name] = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
     return distortions
 
