@@ -2,6 +2,7 @@
 
     python benchmarks/cmpq_bench.py --suite sweep      # fp, RTN 2/3/4 g64, CMPQ 2.0-4.5
     python benchmarks/cmpq_bench.py --suite ablations  # CMPQ variants at 2.2 and 3.0 bits
+    python benchmarks/cmpq_bench.py --suite beyond     # paper/rd allocation x error feedback
 
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
 benchmarks/results/<suite>-<model>.{json,md,png}, updating them after every
@@ -11,7 +12,8 @@ full-precision model, cached on disk, and reused by every non-sequential CMPQ
 row (non-sequential CMPQ uses exactly these statistics); a row's `seconds` is
 its quantization time without that shared calibration, whose time is in
 `calibration_seconds`. Sequential rows calibrate on their own, inside `seconds`.
-The sweep evaluates WikiText-2 and C4; the ablations WikiText-2 only.
+The sweep evaluates WikiText-2 and C4; the ablations and "beyond" WikiText-2
+only ("beyond" caches statistics with each layer's XᵀX, for error feedback).
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ ABLATIONS = [
     (f"{bits} bits: {name}", {"bits": bits, **fields})
     for bits in (2.2, 3.0)
     for name, fields in VARIANTS.items()
+]
+BEYOND_VARIANTS = {  # issue 5: allocation and error feedback, each on and off
+    "paper": {},
+    "paper + error feedback": {"error_feedback": True},
+    "rd": {"allocation": "rd"},
+    "rd + error feedback": {"allocation": "rd", "error_feedback": True},
+}
+BEYOND = [
+    (f"{bits} bits: {name}", {"bits": bits, **fields})
+    for bits in (3.0, 2.2, 2.5, 4.0)
+    for name, fields in BEYOND_VARIANTS.items()
 ]
 
 
@@ -189,7 +202,7 @@ def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=["sweep", "ablations"], default="sweep")
+    parser.add_argument("--suite", choices=["sweep", "ablations", "beyond"], default="sweep")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--layout", default=CMPQConfig.layout, help="look-up-table layout of the CMPQ rows"
@@ -209,7 +222,11 @@ def main() -> None:
         saved = json.loads((RESULTS / f"{name}.json").read_text())
         write_outputs(saved["rows"], name, saved["command"], sort=args.suite == "sweep")
         return
-    plan, datasets = (SWEEP, DATASETS) if args.suite == "sweep" else (ABLATIONS, DATASETS[:1])
+    plan, datasets = {
+        "sweep": (SWEEP, DATASETS),
+        "ablations": (ABLATIONS, DATASETS[:1]),
+        "beyond": (BEYOND, DATASETS[:1]),
+    }[args.suite]
     rows: list[dict] = []
 
     model, tokenizer = load_model(args.model)
@@ -226,7 +243,8 @@ def main() -> None:
         }
         rows += evaluate_rows(model, tokenizer, base, args, datasets)
         write_outputs(rows, name, command, sort=args.suite == "sweep")
-    stats, calibration_seconds = calibration_stats(model, tokenizer, args.model)
+    gram = args.suite == "beyond"  # error feedback needs each layer's XᵀX
+    stats, calibration_seconds = calibration_stats(model, tokenizer, args.model, gram)
     print(f"calibration: {calibration_seconds:.0f} s", flush=True)
 
     for setting, config in plan:
