@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -267,11 +268,11 @@ def llama_cpp(model, setting: dict, context: PeerContext) -> PeerResult:
         command.append("--pure")
     run_tool([*command, fp32, out, setting["type"], os.cpu_count() or 1], context.workdir / "log")
 
-    bits = sum(
-        int(tensor.n_bytes) * 8
-        for tensor in gguf.GGUFReader(out).tensors
-        if GGUF_LINEAR.fullmatch(tensor.name)
-    )
+    linears = [t for t in gguf.GGUFReader(out).tensors if GGUF_LINEAR.fullmatch(t.name)]
+    bits = sum(int(tensor.n_bytes) * 8 for tensor in linears)
+    # the types llama.cpp chose per tensor (mixes, and fallbacks for widths not divisible by 256)
+    types = Counter(tensor.tensor_type.name for tensor in linears)
+    chosen = ", ".join(f"{name} x{count}" for name, count in types.most_common())
     # transformers de-quantizes the GGUF with gguf-py and undoes llama.cpp's layout
     quantized, _ = load_model(str(out))
     source = quantizable_linears(quantized)
@@ -279,7 +280,7 @@ def llama_cpp(model, setting: dict, context: PeerContext) -> PeerResult:
         set_weight_matrix(module, weight_matrix(source[name]).float())
     return PeerResult(
         bits,
-        "stored GGUF tensor bytes",
+        f"stored GGUF tensor bytes ({chosen})",
         f"llama.cpp via llama-cpp-python {version_of_build(binaries)}",
         imatrix_seconds,
     )
