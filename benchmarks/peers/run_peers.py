@@ -79,7 +79,7 @@ def plan() -> list[Setting]:
     ]
     settings += [
         Setting(f"cmpq {bits}", "cmpq", "cmpq CMPQ", {"bits": bits})
-        for bits in (2.0, 2.2, 2.5, 3.0, 3.3, 4.0)
+        for bits in (2.0, 2.2, 2.5, 3.0, 3.3, 4.0, 4.5)
     ]
     return settings
 
@@ -226,11 +226,41 @@ def write_outputs(model: str, rows: list[dict], command: str) -> None:
             f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} | {r.get('peer_version', '')} | "
             f"{r.get('bits_source', '')}{' (imported)' if r.get('imported_from') else ''} |"
         )
+    lines += budget_tables(measured)
     if failed:
         lines += ["", "Settings that did not run:", ""]
         lines += [f"- {r['setting']}: `{r['error']}`" for r in failed]
     results_path(model, "md").write_text("\n".join(lines) + "\n")
     plot(model, measured, results_path(model, "png"))
+
+
+BUDGETS = (2.25, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+
+
+def budget_tables(rows: list[dict]) -> list[str]:
+    """Per dataset: for each bits budget, each method's best perplexity at or under it."""
+    methods = sorted({r["method"] for r in rows if r["method"] != "fp"})
+    lines = []
+    for dataset, title in (("wikitext2", "WikiText-2"), ("c4", "C4")):
+        lines += [
+            "",
+            f"Best {title} perplexity of each method within a budget of total bits "
+            "(the setting's bits in brackets; - when none fits):",
+            "",
+            "| budget | " + " | ".join(methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+        for budget in BUDGETS:
+            cells = []
+            for method in methods:
+                fits = [
+                    r for r in rows
+                    if r["method"] == method and r["bits"] <= budget + 1e-9 and dataset in r
+                ]  # fmt: skip
+                best = min(fits, key=lambda r: r[dataset], default=None)
+                cells.append(f"{best[dataset]:.2f} ({best['bits']:.2f})" if best else "-")
+            lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(model: str, rows: list[dict], path: Path) -> None:
