@@ -64,10 +64,10 @@ ABLATIONS = [
     for name, fields in VARIANTS.items()
 ]
 BEYOND_VARIANTS = {  # issue 5: allocation and error feedback, each on and off
-    "paper": {},
     "paper + error feedback": {"error_feedback": True},
     "rd": {"allocation": "rd"},
     "rd + error feedback": {"allocation": "rd", "error_feedback": True},
+    "paper": {},  # last: the sweep already has it
 }
 BEYOND = [
     (f"{bits} bits: {name}", {"bits": bits, **fields})
