@@ -14,8 +14,11 @@ look-up table instead of a uniform grid:
 - ``row`` layout: the row tables are fitted once on the original weights and
   every column rounds to its row's table.
 
-Columns are visited in storage order (by width, fewest bits first), so the
-widest channels — the most active ones — come last and absorb the most error.
+Columns are visited in GPTQ's act-order (largest ``E[x_j²]`` first), whatever
+their width. On correlated synthetic layers (3 seeds) the output error left,
+relative to no feedback, is with column tables 0.56 at 2.2 code bits and 0.36
+at 3.0 in act-order against 0.73 and 0.60 in storage order (fewest bits first,
+``order="storage"``); with row tables 0.71 / 0.58 against 0.68 / 0.64.
 Outliers (chosen as in :func:`cmpq.lutquant.quantize_layer`) are stored
 exactly as their value at their turn, so they carry no error forward.
 """
@@ -79,6 +82,7 @@ def quantize_layer_feedback(
     seed: int = 0,
     block_size: int = 128,
     damp: float = 0.01,
+    order: str = "act",
 ) -> LUTLayer:
     """Like :func:`cmpq.lutquant.quantize_layer`, with GPTQ-style error feedback.
 
@@ -97,35 +101,41 @@ def quantize_layer_feedback(
         error = weight - _assemble(weight.shape, perm, offsets, first.codes, first.luts, layout)
         outliers = outliers | top_entries(error.abs() * scale, q_outliers, outliers)
 
-    work = weight[:, perm].clone()
-    exact = outliers[:, perm]
-    factor = inverse_hessian_factor(gram[perm][:, perm], damp)
-    column_group = torch.repeat_interleave(torch.arange(len(group_bits)), torch.tensor(group_sizes))
+    if order == "act":  # GPTQ's act-order: the loudest input channels first
+        visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
+    else:  # storage order: fewest bits first, the widest channels last
+        visit = perm
+    widths = bits_per_channel[visit]
+    group_of_width = {bits: g for g, bits in enumerate(group_bits)}
+    work = weight[:, visit].clone()
+    exact = outliers[:, visit]
+    factor = inverse_hessian_factor(gram[visit][:, visit], damp)
     if layout == "row":
         fit = (weight, energy, ~outliers, group_bits, offsets, perm, layout, iters, seed)
         row_tables, _ = _fit_tables(*fit)
-    column_tables: list[torch.Tensor | None] = [None] * in_features
+    tables: list[torch.Tensor | None] = [None] * in_features  # per visited column
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     quantized = torch.zeros_like(work)
 
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
-        if layout == "column":
-            for g in column_group[start:stop].unique().tolist():
-                lo, hi = max(start, offsets[g]), min(stop, offsets[g + 1])
-                fitted = _column_tables(
-                    work[:, lo:hi], ~exact[:, lo:hi], group_bits[g], iters, seed
-                )
-                column_tables[lo:hi] = list(fitted)
+        for bits in widths[start:stop].unique().tolist():
+            index = start + (widths[start:stop] == bits).nonzero().flatten()
+            if layout == "column":
+                fitted = _column_tables(work[:, index], ~exact[:, index], bits, iters, seed)
+                chosen = fitted.float()
+            else:
+                chosen = row_tables[group_of_width[bits]].float().unsqueeze(0)
+                chosen = chosen.expand(index.numel(), -1, -1)
+            for position, table in zip(index.tolist(), chosen, strict=True):
+                tables[position] = table
         block = work[:, start:stop]
         errors = torch.zeros_like(block)
         for j in range(stop - start):
             column = start + j
             values = block[:, j]
-            if layout == "column":
-                table = column_tables[column].float().unsqueeze(0)
-            else:
-                table = row_tables[column_group[column]].float()
+            table = tables[column]
+            table = table.unsqueeze(0) if table.dim() == 1 else table
             code = (values.unsqueeze(1) - table).abs().argmin(dim=1)
             rounded = table.expand(out_features, -1).gather(1, code.unsqueeze(1)).squeeze(1)
             keep = exact[:, column]
@@ -137,14 +147,23 @@ def quantize_layer_feedback(
             errors[:, j] = error
         work[:, stop:] -= errors @ factor[start:stop, stop:]
 
+    # back from visiting order to the original columns, then to storage order
+    original_codes = torch.empty_like(codes)
+    original_codes[:, visit] = codes
+    restored = torch.empty_like(quantized)
+    restored[:, visit] = quantized
+    stored_codes = original_codes[:, perm]
     if layout == "column":
+        position_of = torch.empty(in_features, dtype=torch.int64)
+        position_of[visit] = torch.arange(in_features)
         luts = [
-            torch.stack(column_tables[offsets[g] : offsets[g + 1]]) for g in range(len(group_bits))
+            torch.stack(
+                [tables[int(position_of[c])] for c in perm[offsets[g] : offsets[g + 1]]]
+            ).half()
+            for g in range(len(group_bits))
         ]
     else:
         luts = row_tables
-    restored = torch.empty_like(quantized)
-    restored[:, perm] = quantized
     rows, cols = outliers.nonzero(as_tuple=True)
     return LUTLayer(
         out_features=out_features,
@@ -153,7 +172,10 @@ def quantize_layer_feedback(
         group_bits=group_bits,
         group_sizes=group_sizes,
         perm=perm,
-        codes=[codes[:, offsets[g] : offsets[g + 1]].contiguous() for g in range(len(group_bits))],
+        codes=[
+            stored_codes[:, offsets[g] : offsets[g + 1]].contiguous()
+            for g in range(len(group_bits))
+        ],
         luts=luts,
         outlier_rows=rows,
         outlier_cols=cols,
