@@ -171,3 +171,44 @@ def test_cmpq_quantize_writes_a_packed_model_that_evaluates(
         capsys, "eval", str(out), "--dataset", str(text_file), "--seqlen", "16", "--windows", "2"
     )
     assert code == 0 and "perplexity" in stdout
+
+
+def test_max_size_fills_the_byte_budget(capsys, tmp_path, tiny_checkpoint, text_file):
+    from cmpq.models import load_model, quantizable_linears
+    from cmpq.sizing import header_bytes, unquantized_bytes
+
+    model, _ = load_model(str(tiny_checkpoint))
+    params = sum(m.weight.numel() for m in quantizable_linears(model).values())
+    budget = unquantized_bytes(model) + header_bytes(model, 10**6) + params * 4 // 8  # ~4 bits
+    out, report = tmp_path / "q", tmp_path / "report.json"
+    code, stdout, err = run_cli(
+        capsys, "quantize", str(tiny_checkpoint), "--max-size", str(budget),
+        "--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32",
+        "--out", str(out), "--json", str(report),
+    )  # fmt: skip
+    assert code == 0, err
+    size = (out / "model.safetensors").stat().st_size
+    payload = json.loads(report.read_text())
+    assert payload["model_bytes"] == size and payload["max_bytes"] == budget
+    assert 0.97 * budget <= size <= budget
+    assert 3.9 <= payload["effective_bits"] <= 4.1
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [("12XB", "a size such as 60MB"), ("1KB", "cannot hold this model"), ("0", "positive")],
+)
+def test_bad_max_size_is_a_clear_error(capsys, tmp_path, tiny_checkpoint, size, message):
+    code, _, err = run_cli(
+        capsys, "quantize", str(tiny_checkpoint), "--max-size", size, "--out", str(tmp_path / "o")
+    )
+    assert code == 2 and message in err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_size_and_bits_together_are_refused(capsys, tmp_path, tiny_checkpoint):
+    code, _, err = run_cli(
+        capsys, "quantize", str(tiny_checkpoint), "--max-size", "1MB", "--bits", "3",
+        "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert code == 2 and "replaces --bits" in err

@@ -8,7 +8,7 @@ Two formats (``cmpq.json`` field ``format``):
 - ``packed`` (CMPQ): ``model.safetensors`` holds, for every quantized linear,
   only its stored tensors (``<name>.codes``, ``.lut``, ``.perm``,
   ``.group_bits``, ``.group_sizes``, and ``.outlier_crow/_cols/_values`` when
-  it has outliers) and, for everything else, the original parameters;
+  it has outliers) and, for everything else, the original parameters in fp16;
   ``cmpq.json`` lists the quantized layers with their shapes and layout.
 
 Writing goes to a temporary sibling directory that is renamed into place only
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,7 +58,8 @@ def save_quantized(
     try:
         if quantized:
             model.config.save_pretrained(staging)
-            save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "cmpq"})
+            with unquantized_in_fp16(model):
+                save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "cmpq"})
             layers = {
                 name: {
                     "out_features": m.out_features,
@@ -89,6 +91,24 @@ def save_quantized(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+@contextmanager
+def unquantized_in_fp16(model):
+    """Hold every fp32 parameter outside the quantized tables in fp16 while saving.
+
+    Embeddings, norms, lm_head and biases are stored in fp16 (loading casts them
+    back to fp32); the model is left as it was.
+    """
+    kept = [p for p in model.parameters() if p.dtype == torch.float32]  # tied ones once
+    originals = [p.data for p in kept]
+    try:
+        for p in kept:
+            p.data = p.data.half()
+        yield
+    finally:
+        for p, data in zip(kept, originals, strict=True):
+            p.data = data
 
 
 def read_description(path: Path) -> dict:

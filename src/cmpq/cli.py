@@ -7,6 +7,7 @@ options are checked before any model is loaded, so mistakes fail fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from functools import partial
@@ -15,13 +16,14 @@ from pathlib import Path
 from . import __version__
 from .allocate import ALLOCATIONS, LAYOUTS
 from .calibrate import STATISTICS
-from .checkpoint import check_output_dir, save_quantized
+from .checkpoint import WEIGHTS_FILE, check_output_dir, save_quantized
 from .config import CMPQConfig, RTNConfig
 from .data import BUILTIN_DATASETS, load_documents
 from .errors import CmpqError
 from .evaluate import perplexity
 from .models import DEFAULT_MODEL, load_model, quantizable_linears
 from .quantize import quantize
+from .sizing import bits_for_size, parse_size
 
 EXIT_USER_ERROR = 2
 
@@ -97,14 +99,26 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     config = config_from_args(args)
+    max_bytes = parse_size(args.max_size) if args.max_size is not None else None
+    if max_bytes is not None and (args.method != "cmpq" or args.bits is not None):
+        raise CmpqError("--max-size replaces --bits and works with --method cmpq only")
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     model, tokenizer = load_model(args.model)
+    if max_bytes is not None:
+        config = dataclasses.replace(config, bits=bits_for_size(model, max_bytes))
     report = quantize(model, config, tokenizer=tokenizer)
     save_quantized(model, tokenizer, report, out, overwrite=args.overwrite)
     print(report.summary())
+    result = {"model": args.model, "out": str(out), **report.as_dict()}
+    if max_bytes is not None:
+        size = (out / WEIGHTS_FILE).stat().st_size
+        print(
+            f"{WEIGHTS_FILE}: {size:,} bytes of the {max_bytes:,} allowed ({size / max_bytes:.2%})"
+        )
+        result.update(max_bytes=max_bytes, model_bytes=size)
     print(f"wrote {out}")
-    _write_json(args.json, {"model": args.model, "out": str(out), **report.as_dict()})
+    _write_json(args.json, result)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -156,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits",
         type=float,
         help="cmpq: total stored bits per weight, any number 2-8 (2.5); rtn: code bits 2-8 (3)",
+    )
+    quant.add_argument(
+        "--max-size",
+        help="cmpq: instead of --bits, the most bytes model.safetensors may take, "
+        "embeddings and lm_head included (60MB, 600MiB, 1.5GB, or a byte count)",
     )
     quant.add_argument(
         "--group-size",

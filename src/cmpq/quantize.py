@@ -165,9 +165,19 @@ def quantize_cmpq(
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             names = block_linears(block)
             process(index, block, {name: stats[f"{prefix}.{index}.{name}"] for name in names})
+    round_unquantized_to_fp16(model)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def round_unquantized_to_fp16(model: nn.Module) -> None:
+    """Round every remaining fp32 parameter (embeddings, norms, lm_head, biases) to the
+    fp16 value the packed checkpoint stores, so the model in memory is the one saved."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dtype == torch.float32:
+                parameter.copy_(parameter.half().float())
 
 
 def rd_distortions(

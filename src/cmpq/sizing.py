@@ -1,0 +1,71 @@
+"""Byte budgets: the CMPQ bits per weight that fit a whole model into N bytes.
+
+A packed checkpoint's ``model.safetensors`` holds the quantized linears' stored
+tensors, every other parameter in fp16 (embeddings, norms, an untied lm_head,
+biases), and a JSON header naming each tensor. Everything but the quantized
+linears is known before quantizing, so the budget left for them, divided by
+their weight count, is the total bits per weight to ask CMPQ for.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .config import MAX_TOTAL_BITS, MIN_TOTAL_BITS
+from .errors import CmpqError
+from .models import quantizable_linears
+from .qlinear import STORED_NAMES
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+HEADER_ENTRY_BYTES = 48  # '"":{"dtype":"F16","shape":[,],"data_offsets":[,]},' and shape digits
+HEADER_FIXED_BYTES = 1024  # braces, the format metadata, padding
+UNQUANTIZED_BYTES_PER_VALUE = 2  # fp16
+
+
+def parse_size(text: str) -> int:
+    """``"60MB"``, ``"600MiB"``, ``"1.5GB"`` or a plain byte count, as bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise CmpqError(f"--max-size must be a size such as 60MB, 600MiB or 1.5GB (got {text!r})")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    size = int(number * UNITS[unit])
+    if size <= 0:
+        raise CmpqError(f"--max-size must be positive (got {text!r})")
+    return size
+
+
+def unquantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter that is not a quantized weight, stored in fp16."""
+    quantized = {id(m.weight) for m in quantizable_linears(model).values()}
+    return UNQUANTIZED_BYTES_PER_VALUE * sum(
+        p.numel() for p in model.parameters() if id(p) not in quantized
+    )
+
+
+def header_bytes(model: nn.Module, max_bytes: int = 10**12) -> int:
+    """A close upper estimate of the safetensors header of the packed checkpoint
+    (each entry: its name, dtype, shape and two offsets below ``max_bytes``)."""
+    linears = quantizable_linears(model)
+    quantized = {id(m.weight) for m in linears.values()}
+    names = [n for n, p in model.named_parameters() if id(p) not in quantized]
+    names += [f"{n}.{s}" for n in linears for s in STORED_NAMES]
+    per_entry = HEADER_ENTRY_BYTES + 2 * len(str(max_bytes))
+    return HEADER_FIXED_BYTES + sum(len(n) + per_entry for n in names)
+
+
+def bits_for_size(model: nn.Module, max_bytes: int) -> float:
+    """Total bits per weight of the decoder linears that fill ``max_bytes`` (capped at 8)."""
+    fixed = unquantized_bytes(model) + header_bytes(model, max_bytes)
+    params = sum(m.weight.numel() for m in quantizable_linears(model).values())
+    bits = (max_bytes - fixed) * 8 / params
+    if bits < MIN_TOTAL_BITS:
+        smallest = fixed + MIN_TOTAL_BITS * params / 8
+        raise CmpqError(
+            f"--max-size {max_bytes:,} bytes cannot hold this model: the parts kept in fp16 "
+            f"(embeddings, norms, lm_head, biases) take {fixed / 1e6:.2f} MB, and the smallest "
+            f"CMPQ model ({MIN_TOTAL_BITS:g} bits per weight) is {smallest / 1e6:.2f} MB"
+        )
+    return min(bits, MAX_TOTAL_BITS)
