@@ -180,7 +180,9 @@ def bitsandbytes(model, setting: dict, context: PeerContext) -> PeerResult:
         if state.nested:
             bits += tensor_bits(state.state2.absmax) + tensor_bits(state.state2.code)
             bits += tensor_bits(torch.as_tensor(state.offset, dtype=torch.float32))
-    source = "stored tensors (packed codes, absmax, code table; nested statistics)"
+    source = "stored tensors (packed codes, absmax, code table" + (
+        "; nested absmax statistics)" if setting["double_quant"] else ")"
+    )
     return PeerResult(bits, source, version("bitsandbytes"))
 
 

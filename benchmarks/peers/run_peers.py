@@ -169,8 +169,12 @@ def imported(path: Path, model: str, args) -> list[dict]:
         and row["setting"] in {s.key for s in plan()}
     ]  # fmt: skip
     for row in keep:
-        row.setdefault("peer_version", "cmpq (imported row)")
-        row.setdefault("bits_source", "stored tensors (cmpq's report)")
+        fp = row["method"] == "fp"
+        row.setdefault("peer_version", "" if fp else "cmpq (imported row)")
+        row.setdefault(
+            "bits_source",
+            "reference line (fp16 storage)" if fp else "stored tensors (cmpq's report)",
+        )
     return keep
 
 
@@ -234,7 +238,7 @@ def write_outputs(model: str, rows: list[dict], command: str) -> None:
     plot(model, measured, results_path(model, "png"))
 
 
-BUDGETS = (2.25, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+BUDGETS = (2.25, 2.5, 3.0, 3.5, 4.0, 4.25, 4.5, 5.0)
 
 
 def budget_tables(rows: list[dict]) -> list[str]:
