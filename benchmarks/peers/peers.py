@@ -76,9 +76,9 @@ def gptq(model, setting: dict, context: PeerContext) -> PeerResult:
         {"input_ids": row.tolist(), "attention_mask": [1] * row.numel()}
         for row in context.calibration
     ]
-    # true_sequential=False: one calibration forward per block, as in the GPTQ paper.
-    # gptqmodel's default (True) runs one forward per sub-module group, 4-5 per block:
-    # 33 minutes per setting for smollm2-135m on 2 cores, against about 10 this way.
+    # true_sequential=False: one calibration forward per block, as in the GPTQ paper
+    # (gptqmodel's default runs one per sub-module group, 4-5 per block). Either way a
+    # setting takes ~33 minutes for smollm2-135m on 2 cores (docs/decisions.md).
     config = QuantizeConfig(
         bits=setting["bits"],
         group_size=setting["group"],
