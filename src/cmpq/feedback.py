@@ -30,10 +30,10 @@ import torch
 from .kmeans import weighted_kmeans_1d
 from .lutquant import (
     LUTLayer,
-    _assemble,
     _fit_tables,
     activation_outliers,
     activation_scale,
+    dequantize_layer,
     quantize_layer,
     storage_order,
     top_entries,
@@ -98,7 +98,7 @@ def quantize_layer_feedback(
             weight, bits_per_channel, energy, layout=layout, act_outliers=act_outliers,
             iters=iters, seed=seed,
         )  # fmt: skip
-        error = weight - _assemble(weight.shape, perm, offsets, first.codes, first.luts, layout)
+        error = weight - dequantize_layer(first)  # zero on the O_act entries, excluded anyway
         outliers = outliers | top_entries(error.abs() * scale, q_outliers, outliers)
 
     if order == "act":  # GPTQ's act-order: the loudest input channels first
