@@ -21,6 +21,7 @@ from .config import CMPQConfig, RTNConfig
 from .data import BUILTIN_DATASETS, load_documents
 from .errors import CmpqError
 from .evaluate import perplexity
+from .generation import check_generation_options, generate
 from .models import DEFAULT_MODEL, load_model, quantizable_linears
 from .quantize import quantize
 from .sizing import bits_for_size, parse_size
@@ -119,6 +120,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         result.update(max_bytes=max_bytes, model_bytes=size)
     print(f"wrote {out}")
     _write_json(args.json, result)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    check_generation_options(args.max_new_tokens, args.temperature)
+    model, tokenizer = load_model(args.model)
+    print(args.prompt, end="", flush=True)
+    result = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        stream=True,
+    )
+    print(result.summary())
+    _write_json(args.json, result.as_dict())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -247,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     quant.add_argument("--json", help="write the quantization report as JSON to this file")
     quant.set_defaults(func=cmd_quantize)
+
+    gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    gen.add_argument("model", help="alias, checkpoint dir, cmpq output dir, .gguf or hub id")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (64)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gen.add_argument("--json", help="write the text, speed and memory as JSON to this file")
+    gen.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="quantize the default model and compare perplexity")
     demo.add_argument("--model", default=DEFAULT_MODEL)

@@ -1,0 +1,91 @@
+"""Generation: greedy equals a hand-written argmax loop, sampling repeats with its seed,
+streaming prints exactly the continuation, and the CLI reports speed and memory."""
+
+import json
+
+import pytest
+import torch
+
+from cmpq.cli import main
+from cmpq.errors import CmpqError
+from cmpq.generation import generate, prompt_ids
+from conftest import make_tiny_model
+
+PROMPT = "The quick brown fox"
+
+
+def greedy_by_hand(model, ids: torch.Tensor, steps: int, eos: int) -> list[int]:
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(ids).logits[0, -1].argmax())
+            new.append(token)
+            if token == eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
+def test_greedy_matches_an_argmax_loop(tiny_tokenizer):
+    model = make_tiny_model("llama")
+    result = generate(model, tiny_tokenizer, PROMPT, max_new_tokens=8)
+    ids = prompt_ids(tiny_tokenizer, model, PROMPT)
+    expected = greedy_by_hand(model, ids, 8, tiny_tokenizer.eos_token_id)
+    assert result.new_tokens == len(expected)
+    assert result.text == tiny_tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.prompt_tokens == ids.shape[1]
+    assert result.tokens_per_second > 0 and result.resident_bytes > 10 * 2**20
+
+
+def test_sampling_repeats_with_its_seed_and_differs_across_seeds(tiny_tokenizer):
+    model = make_tiny_model("qwen2")
+    runs = [
+        generate(model, tiny_tokenizer, PROMPT, max_new_tokens=12, temperature=1.5, seed=seed)
+        for seed in (0, 0, 1)
+    ]
+    assert runs[0].text == runs[1].text
+    assert runs[0].text != runs[2].text
+
+
+def test_stream_prints_exactly_the_continuation(capsys, tiny_tokenizer):
+    model = make_tiny_model("gpt2")
+    result = generate(model, tiny_tokenizer, PROMPT, max_new_tokens=6, stream=True)
+    assert capsys.readouterr().out == result.text + "\n"
+
+
+def test_gemma_prompt_starts_with_bos(tiny_tokenizer):
+    ids = prompt_ids(tiny_tokenizer, make_tiny_model("gemma3"), PROMPT)
+    assert ids[0, 0] == tiny_tokenizer.bos_token_id
+    assert ids[0, 1] != tiny_tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize(
+    ("prompt", "tokens", "temperature", "message"),
+    [
+        ("", 4, 0.0, "prompt is empty"),
+        (PROMPT, 0, 0.0, "at least 1"),
+        (PROMPT, 4, -1.0, "or positive"),
+    ],
+)
+def test_bad_options_are_refused(tiny_tokenizer, prompt, tokens, temperature, message):
+    with pytest.raises(CmpqError, match=message):
+        generate(make_tiny_model("llama"), tiny_tokenizer, prompt, tokens, temperature)
+
+
+def test_cli_streams_and_reports(capsys, tmp_path, tiny_checkpoint):
+    report = tmp_path / "gen.json"
+    code = main(
+        ["generate", str(tiny_checkpoint), PROMPT, "--max-new-tokens", "5", "--json", str(report)]
+    )
+    out = capsys.readouterr().out
+    payload = json.loads(report.read_text())
+    assert code == 0
+    assert out.startswith(PROMPT + payload["text"])
+    assert "tokens/s" in out and "resident memory" in out
+    assert 1 <= payload["new_tokens"] <= 5 and payload["tokens_per_second"] > 0
+
+
+def test_cli_refuses_a_negative_temperature_before_loading(capsys):
+    code = main(["generate", "/no/such/model", PROMPT, "--temperature", "-0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--temperature" in err and len(err.strip().splitlines()) == 1
