@@ -47,3 +47,43 @@ def test_rd_allocation_quantizes_a_model_within_budget():
 def test_rd_allocation_refuses_what_it_cannot_do(options, message):
     with pytest.raises(CmpqError, match=message):
         CMPQConfig(allocation="rd", **options)
+
+
+def test_rd_layer_keeps_each_layer_within_its_paper_budget():
+    from cmpq.allocate import (
+        LayerShape,
+        column_width_costs,
+        paper_code_budgets,
+        rd_plan,
+        solve_budget,
+    )
+
+    generator = torch.Generator().manual_seed(1)
+    shapes = {"a": LayerShape(512, 48), "b": LayerShape(768, 64)}
+    # layer b's channels are 1000x louder: a global trade would starve layer a
+    distortions = {
+        name: torch.rand(shape.in_features, 1, generator=generator).double()
+        * torch.tensor([4.0**-w for w in RD_WIDTHS], dtype=torch.float64)
+        * (1000.0 if name == "b" else 1.0)
+        for name, shape in shapes.items()
+    }
+    paper = solve_budget(list(shapes.values()), 2.8, "column", 0.004, True)
+    budgets = paper_code_budgets(shapes, paper.code_bits, "column", True)
+    plan = rd_plan(shapes, distortions, 2.8, 0.004, layer_budgets=budgets)
+    for name, shape in shapes.items():
+        index = torch.tensor([RD_WIDTHS.index(int(w)) for w in plan.widths[name]])
+        cost = column_width_costs(shape.out_features).gather(0, index).sum()
+        assert cost <= budgets[name]
+        assert cost >= 0.95 * budgets[name]  # and spends nearly all of it
+    assert 2.75 <= plan.total_bits <= 2.8
+    global_plan = rd_plan(shapes, distortions, 2.8, 0.004)
+    assert global_plan.widths["a"].float().mean() < plan.widths["a"].float().mean()
+
+
+def test_rd_layer_quantizes_a_model_within_budget():
+    batch = torch.randint(0, 300, (3, 20))
+    model = make_tiny_model("qwen2")
+    stats = collect_stats(model, batch)
+    config = CMPQConfig(bits=4.0, allocation="rd-layer", layout="column", kmeans_iters=5)
+    report = quantize(model, config, stats=stats)
+    assert 3.9 <= report.effective_bits <= 4.0

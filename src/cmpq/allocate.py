@@ -26,7 +26,7 @@ OUTLIER_VALUE_BITS = 16  # fp16
 ROW_POINTER_BITS = 32  # int32 CSR row pointers
 GROUP_HEADER_BITS = 8 + 32  # uint8 width + int32 column count per bit-group
 LAYOUTS = ("row", "column")
-ALLOCATIONS = ("paper", "rd")
+ALLOCATIONS = ("paper", "rd", "rd-layer")
 
 
 def index_bits(count: int) -> int:
@@ -100,6 +100,17 @@ def paper_groups(in_features: int, code_bits: float, mixed: bool) -> tuple[list[
     pairs = [(lo, in_features - high), (lo + 1, high)]
     pairs = [(b, n) for b, n in pairs if n > 0]
     return [b for b, _ in pairs], [n for _, n in pairs]
+
+
+def paper_code_budgets(
+    shapes: dict[str, LayerShape], code_bits: float, layout: str, mixed: bool
+) -> dict[str, float]:
+    """Bits each layer spends on codes and tables under the paper rule at ``code_bits``."""
+    budgets = {}
+    for name, shape in shapes.items():
+        cost = layer_cost(shape, *paper_groups(shape.in_features, code_bits, mixed), layout, 0)
+        budgets[name] = float(cost["codes"] + cost["lut"])
+    return budgets
 
 
 def model_cost(
@@ -256,6 +267,7 @@ def rd_plan(
     target_bits: float,
     outlier_fraction: float,
     widths: tuple[int, ...] = RD_WIDTHS,
+    layer_budgets: dict[str, float] | None = None,
 ) -> RDPlan:
     """Widths for every channel of every layer at once, minimising the summed
     distortion under the exact total budget (column layout).
@@ -263,28 +275,37 @@ def rd_plan(
     Codes and tables are priced per channel; metadata (permutation, one header
     per width) and the requested outliers are set aside first, and what the
     chosen widths leave is spent on more outliers, as with the paper rule.
+    With ``layer_budgets`` (bits for codes and tables, per layer) each layer
+    is solved alone within its own budget: the trade is made between the
+    channels of a layer only, never between layers.
     """
     params = sum(shape.numel for shape in shapes.values())
     budget = target_bits * params
     reserved = sum(_rd_reserved_bits(shape, outlier_fraction, widths) for shape in shapes.values())
     names = list(shapes)
-    distortion = torch.cat([distortions[n] for n in names])
-    cost = torch.cat(
-        [column_width_costs(shapes[n].out_features, widths).expand(shapes[n].in_features, -1)
-         for n in names]
-    )  # fmt: skip
+
+    def costs(n: str) -> torch.Tensor:
+        return column_width_costs(shapes[n].out_features, widths).expand(shapes[n].in_features, -1)
+
+    table = torch.tensor(widths)
     try:
-        choice = lagrangian_widths(distortion, cost, budget - reserved)
+        if layer_budgets is not None:
+            chosen = {
+                n: table[lagrangian_widths(distortions[n], costs(n), layer_budgets[n])]
+                for n in names
+            }
+        else:
+            choice = lagrangian_widths(
+                torch.cat([distortions[n] for n in names]),
+                torch.cat([costs(n) for n in names]),
+                budget - reserved,
+            )
+            sizes = [shapes[n].in_features for n in names]
+            chosen = dict(zip(names, (table[c] for c in choice.split(sizes)), strict=True))
     except ValueError:
         raise ValueError(
             f"{target_bits} bits per weight is below the smallest rd allocation can store"
         ) from None
-    table = torch.tensor(widths)
-    chosen, start = {}, 0
-    for n in names:
-        stop = start + shapes[n].in_features
-        chosen[n] = table[choice[start:stop]]
-        start = stop
 
     def cost_at(fraction: float) -> int:
         total = 0

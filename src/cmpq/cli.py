@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALLOCATIONS,
         default=defaults.allocation,
         help="paper: the same widths in every layer, extra bit to the loudest channels; "
-        "rd: widths for all channels of all layers at once, by measured distortion per bit",
+        "rd: widths for all channels of all layers at once, by measured distortion per bit; "
+        "rd-layer: the same trade within each layer, at the paper's budget per layer",
     )
     cmpq_options.add_argument(
         "--error-feedback",

@@ -55,6 +55,7 @@ class CMPQConfig:
     calib_seqlen: int = 512
     sequential: bool = False
     allocation: str = "paper"  # "paper": same widths in every layer; "rd": rate-distortion
+    # across all layers; "rd-layer": rate-distortion within each layer at the paper's budget
     error_feedback: bool = False  # GPTQ-style feedback of each column's error (needs XᵀX)
     damp: float = 0.01  # error feedback: damping of XᵀX, as a fraction of its mean diagonal
 
@@ -69,12 +70,15 @@ class CMPQConfig:
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("statistic", self.statistic, STATISTICS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
-        if self.allocation == "rd" and self.layout != "column":
-            raise CmpqError("--allocation rd prices each input column alone: use --layout column")
-        if self.allocation == "rd" and self.sequential:
+        if self.allocation != "paper" and self.layout != "column":
             raise CmpqError(
-                "--allocation rd needs every layer's statistics before the first is quantized; "
-                "it does not combine with --sequential"
+                f"--allocation {self.allocation} prices each input column alone: "
+                "use --layout column"
+            )
+        if self.allocation != "paper" and self.sequential:
+            raise CmpqError(
+                f"--allocation {self.allocation} needs every layer's statistics before the "
+                "first is quantized; it does not combine with --sequential"
             )
         for name in ("outliers_act", "outliers_q"):
             value = getattr(self, name)

@@ -13,6 +13,7 @@ from .allocate import (
     LayerShape,
     outlier_count,
     paper_allocation,
+    paper_code_budgets,
     rd_plan,
     solve_budget,
 )
@@ -98,11 +99,19 @@ def quantize_cmpq(
     report = QuantizationReport(method=config.method, config=config.as_dict())
     plan = None
     try:
-        if config.allocation == "rd":
+        if config.allocation in ("rd", "rd-layer"):
             if stats is None:
                 stats = collect_stats(model, calibration, progress, gram=config.error_feedback)
+            layer_budgets = None
+            if config.allocation == "rd-layer":
+                paper = solve_budget(
+                    list(shapes.values()), config.bits, "column", outlier_fraction, config.mixed
+                )
+                layer_budgets = paper_code_budgets(shapes, paper.code_bits, "column", config.mixed)
             distortions = rd_distortions(linears, stats, config, progress)
-            plan = rd_plan(shapes, distortions, config.bits, outlier_fraction)
+            plan = rd_plan(
+                shapes, distortions, config.bits, outlier_fraction, layer_budgets=layer_budgets
+            )
             final_fraction = plan.outlier_fraction
             report.code_bits = (
                 sum(float(plan.widths[n].sum()) * shapes[n].out_features for n in shapes)
