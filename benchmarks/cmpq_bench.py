@@ -5,8 +5,9 @@
     python benchmarks/cmpq_bench.py --suite beyond     # paper/rd allocation x error feedback
 
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
-benchmarks/results/<suite>-<model>.{json,md,png}, updating them after every
-row so an interrupted run keeps what it measured. Calibration statistics (C4
+benchmarks/results/<suite>-<model>-<layout>.{json,md,png}, updating them after
+every row so an interrupted run keeps what it measured; a new run resumes,
+skipping rows already in the JSON (--redo measures them again). Calibration statistics (C4
 train windows, the CMPQConfig defaults) are collected once from the
 full-precision model, cached on disk, and reused by every non-sequential CMPQ
 row (non-sequential CMPQ uses exactly these statistics); a row's `seconds` is
@@ -65,6 +66,8 @@ ABLATIONS = [
 ]
 BEYOND_VARIANTS = {  # issue 5: allocation and error feedback, each on and off
     "paper + error feedback": {"error_feedback": True},
+    "rd-layer": {"allocation": "rd-layer"},
+    "rd-layer + error feedback": {"allocation": "rd-layer", "error_feedback": True},
     "rd": {"allocation": "rd"},
     "rd + error feedback": {"allocation": "rd", "error_feedback": True},
     "paper": {},  # last: the sweep already has it
@@ -212,6 +215,9 @@ def main() -> None:
     parser.add_argument(
         "--replot", action="store_true", help="rewrite the table and plot from the saved JSON"
     )
+    parser.add_argument(
+        "--redo", action="store_true", help="re-run rows already in the JSON (default: resume)"
+    )
     args = parser.parse_args()
     command = (
         f"python benchmarks/cmpq_bench.py --suite {args.suite} --model {args.model} "
@@ -227,12 +233,16 @@ def main() -> None:
         "ablations": (ABLATIONS, DATASETS[:1]),
         "beyond": (BEYOND, DATASETS[:1]),
     }[args.suite]
+    saved_path = RESULTS / f"{name}.json"
     rows: list[dict] = []
+    if saved_path.is_file() and not args.redo:  # resume: keep what an earlier run measured
+        rows = json.loads(saved_path.read_text())["rows"]
+    done = {row["setting"] for row in rows}
 
     model, tokenizer = load_model(args.model)
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())
     common = {"model": args.model, "params": params}
-    if args.suite == "sweep":
+    if args.suite == "sweep" and "fp32" not in done:
         base = {
             **common,
             "method": "fp",
@@ -248,6 +258,8 @@ def main() -> None:
     print(f"calibration: {calibration_seconds:.0f} s", flush=True)
 
     for setting, config in plan:
+        if setting in done:
+            continue
         if isinstance(config, dict):  # an ablation: fields changed from the defaults
             config = CMPQConfig(**{"layout": args.layout, **config})
         elif isinstance(config, CMPQConfig):
