@@ -10,6 +10,11 @@ Two formats (``cmpq.json`` field ``format``):
   ``.group_bits``, ``.group_sizes``, and ``.outlier_crow/_cols/_values`` when
   it has outliers) and, for everything else, the original parameters in fp16;
   ``cmpq.json`` lists the quantized layers with their shapes and layout.
+  Beside it, ``channel_stats.safetensors`` holds, by layer name, the float32
+  per-input-channel activation statistic that drove the bit allocation, in the
+  original channel order. It is informational (``cmpq inspect`` draws it), is
+  not read when loading, and is not counted in the bits per weight, which
+  measure what the model needs.
 
 Writing goes to a temporary sibling directory that is renamed into place only
 when complete, so an interrupted run never leaves something that looks finished.
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from .errors import CmpqError
 from .models import replace_module
@@ -36,6 +41,7 @@ FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
 DESCRIPTION_FILE = "cmpq.json"
+STATS_FILE = "channel_stats.safetensors"
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -60,6 +66,13 @@ def save_quantized(
             model.config.save_pretrained(staging)
             with unquantized_in_fp16(model):
                 save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "cmpq"})
+            stats = {
+                name: statistic.float().contiguous()
+                for name, statistic in report.channel_statistics.items()
+                if name in quantized
+            }
+            if stats:
+                save_file(stats, str(staging / STATS_FILE))
             layers = {
                 name: {
                     "out_features": m.out_features,

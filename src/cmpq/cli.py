@@ -22,6 +22,7 @@ from .data import BUILTIN_DATASETS, load_documents
 from .errors import CmpqError
 from .evaluate import perplexity
 from .generation import check_generation_options, generate
+from .inspection import HEATMAP_FILE, as_dict, draw_heatmap, format_table, inspect_output
 from .models import DEFAULT_MODEL, load_model, quantizable_linears
 from .quantize import quantize
 from .sizing import bits_for_size, parse_size
@@ -41,7 +42,10 @@ def _group_size(value: str) -> int | None:
 
 
 def _write_json(path: str | None, payload: dict) -> None:
-    if path:
+    """Write ``payload`` to ``path``; ``-`` means standard output."""
+    if path == "-":
+        print(json.dumps(payload, indent=2))
+    elif path:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -137,6 +141,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     print(result.summary())
     _write_json(args.json, result.as_dict())
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Print the per-layer table and draw the heat map (first, so a missing
+    matplotlib fails before any output); with ``--json -`` standard output holds
+    the JSON alone and the other messages go to stderr."""
+    inspection = inspect_output(Path(args.dir))
+    png = None if args.no_plot else Path(args.png or Path(args.dir) / HEATMAP_FILE)
+    if png is not None:
+        draw_heatmap(inspection, png)
+    notes = sys.stderr if args.json == "-" else sys.stdout
+    if args.json != "-":
+        print(format_table(inspection))
+    print("heat map skipped (--no-plot)" if png is None else f"wrote {png}", file=notes)
+    _write_json(args.json, as_dict(inspection))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -277,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     gen.add_argument("--json", help="write the text, speed and memory as JSON to this file")
     gen.set_defaults(func=cmd_generate)
+
+    inspect = commands.add_parser(
+        "inspect", help="per-layer widths and bytes of a quantized output, and a heat map"
+    )
+    inspect.add_argument("dir", help="a directory written by cmpq quantize (CMPQ, packed)")
+    inspect.add_argument("--json", help="write the table as JSON to this file ('-': stdout)")
+    plot = inspect.add_mutually_exclusive_group()
+    plot.add_argument("--png", help=f"where to draw the heat map (DIR/{HEATMAP_FILE})")
+    plot.add_argument("--no-plot", action="store_true", help="draw no heat map")
+    inspect.set_defaults(func=cmd_inspect)
 
     demo = commands.add_parser("demo", help="quantize the default model and compare perplexity")
     demo.add_argument("--model", default=DEFAULT_MODEL)

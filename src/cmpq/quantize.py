@@ -132,10 +132,12 @@ def quantize_cmpq(
         for name, module in block_linears(block).items():
             weight = weight_matrix(module)
             out_features, in_features = weight.shape
+            full_name = f"{prefix}.{index}.{name}"
+            statistic = block_stats[name].statistic(config.statistic)
+            report.channel_statistics[full_name] = statistic.float()
             if plan is not None:
-                bits = plan.widths[f"{prefix}.{index}.{name}"]
+                bits = plan.widths[full_name]
             else:
-                statistic = block_stats[name].statistic(config.statistic)
                 bits = paper_allocation(statistic, budget.code_bits, config.mixed)
             total = outlier_count(out_features, in_features, final_fraction)
             act = min(outlier_count(out_features, in_features, act_fraction), total)

@@ -7,6 +7,10 @@ import os
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def peak_rss_bytes() -> int:
@@ -40,6 +44,9 @@ class QuantizationReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     code_bits: float | None = None  # CMPQ: the solved average code width
+    # CMPQ: each linear's per-input-channel allocation statistic (config ``statistic``), by
+    # full name; saved beside the checkpoint for `cmpq inspect`, not part of the JSON report
+    channel_statistics: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def add_layer(self, params: int, stored_bits: dict[str, int]) -> None:
         self.layers += 1
