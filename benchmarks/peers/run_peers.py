@@ -103,7 +103,8 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
     model, tokenizer = load_model(model_spec)
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())
     row = {"model": model_spec, "params": params, "method": setting.method,
-           "setting": setting.key, "settings": setting.options}  # fmt: skip
+           "setting": setting.key, "settings": setting.options,
+           "threads": torch.get_num_threads()}  # fmt: skip
     start = time.perf_counter()
     if setting.method == "fp":
         row.update(bits=16.0, peer_version="", bits_source="reference line (fp16 storage)")
