@@ -72,10 +72,14 @@ BEYOND_VARIANTS = {  # issue 5: allocation and error feedback, each on and off
     "rd + error feedback": {"allocation": "rd", "error_feedback": True},
     "paper": {},  # last: the sweep already has it
 }
+# last: global rd measured worse than rd-layer at 3.0, and the sweep already has "paper"
+LATE = ("rd", "rd + error feedback", "paper")
 BEYOND = [
     (f"{bits} bits: {name}", {"bits": bits, **fields})
+    for late in (False, True)
     for bits in (3.0, 2.2, 2.5, 4.0)
     for name, fields in BEYOND_VARIANTS.items()
+    if (name in LATE) == late
 ]
 
 
