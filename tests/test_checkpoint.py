@@ -1,9 +1,7 @@
-import json
-
 import pytest
 import torch
 
-from cmpq.checkpoint import load_quantized, save_quantized
+from cmpq.checkpoint import load_quantized, read_description, save_quantized, write_description
 from cmpq.config import CMPQConfig
 from cmpq.errors import CmpqError
 from cmpq.qlinear import QuantizedLinear
@@ -46,7 +44,7 @@ def test_checkpoint_holds_no_dense_weights_of_quantized_linears(
     assert "model.layers.0.self_attn.q_proj.codes" in keys
     assert "model.layers.0.self_attn.q_proj.bias" in keys
     assert "model.layers.0.self_attn.q_proj.weight" not in keys
-    description = json.loads((out / "cmpq.json").read_text())
+    description = read_description(out)
     assert description["effective_bits"] == pytest.approx(report.effective_bits)
 
 
@@ -65,9 +63,9 @@ def test_failed_write_leaves_nothing(tmp_path, quantized_tiny):
 def test_newer_format_is_refused(tmp_path, quantized_tiny, tiny_tokenizer):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
-    description = json.loads((out / "cmpq.json").read_text())
+    description = read_description(out)
     description["format_version"] = 99
-    (out / "cmpq.json").write_text(json.dumps(description))
+    write_description(out, description)
     with pytest.raises(CmpqError, match="format version 99.*upgrade cmpq"):
         load_quantized(out)
 
@@ -75,10 +73,10 @@ def test_newer_format_is_refused(tmp_path, quantized_tiny, tiny_tokenizer):
 def test_missing_tensor_is_a_clear_error(tmp_path, quantized_tiny, tiny_tokenizer):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
-    description = json.loads((out / "cmpq.json").read_text())
+    description = read_description(out)
     description["layers"]["model.layers.0.mlp.up_proj.extra"] = description["layers"][
         "model.layers.0.mlp.up_proj"
     ]
-    (out / "cmpq.json").write_text(json.dumps(description))
+    write_description(out, description)
     with pytest.raises(CmpqError, match="not a readable cmpq checkpoint"):
         load_quantized(out)

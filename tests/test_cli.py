@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cmpq.checkpoint import FORMAT_VERSION
+from cmpq.checkpoint import FORMAT_VERSION, read_description
 from cmpq.cli import main
 
 
@@ -166,7 +166,7 @@ def test_cmpq_quantize_writes_a_packed_model_that_evaluates(
     assert 4.49 <= payload["effective_bits"] <= 4.5
     assert set(payload["bits_breakdown"]) == {"codes", "lut", "outliers", "metadata"}
     assert payload["stored_bytes"] * 8 >= payload["effective_bits"] * payload["quantized_params"]
-    assert json.loads((out / "cmpq.json").read_text())["format"] == "packed"
+    assert read_description(out)["format"] == "packed"
     code, stdout, _ = run_cli(
         capsys, "eval", str(out), "--dataset", str(text_file), "--seqlen", "16", "--windows", "2"
     )

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import hf  # noqa: E402, F401  (AutoModelForCausalLM loads cmpq outputs)
 from .checkpoint import load_quantized as load  # noqa: E402
 from .config import CMPQConfig, RTNConfig  # noqa: E402
 from .errors import CmpqError  # noqa: E402

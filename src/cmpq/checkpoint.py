@@ -1,20 +1,23 @@
-"""Quantized output directories: written atomically, described by ``cmpq.json``.
+"""Quantized output directories: written atomically, described by data.
 
-Two formats (``cmpq.json`` field ``format``):
+Two formats (the description's field ``format``; every field in docs/format.md):
 
-- ``dequantized`` (RTN): a Hugging Face checkpoint holding the de-quantized
-  weights, plus ``cmpq.json`` with the method and what the quantized storage
-  costs;
 - ``packed`` (CMPQ): ``model.safetensors`` holds, for every quantized linear,
   only its stored tensors (``<name>.codes``, ``.lut``, ``.perm``,
   ``.group_bits``, ``.group_sizes``, and ``.outlier_crow/_cols/_values`` when
   it has outliers) and, for everything else, the original parameters in fp16;
-  ``cmpq.json`` lists the quantized layers with their shapes and layout.
-  Beside it, ``channel_stats.safetensors`` holds, by layer name, the float32
-  per-input-channel activation statistic that drove the bit allocation, in the
-  original channel order. It is informational (``cmpq inspect`` draws it), is
-  not read when loading, and is not counted in the bits per weight, which
-  measure what the model needs.
+  ``config.json`` carries the description as ``quantization_config``
+  (``quant_method: "cmpq"``: the format version, the quantized layers with
+  their shapes and layout, and the quantization report), so that
+  ``AutoModelForCausalLM.from_pretrained`` loads it once cmpq is imported
+  (:mod:`cmpq.hf`). Beside it, ``channel_stats.safetensors`` holds, by layer
+  name, the float32 per-input-channel activation statistic that drove the bit
+  allocation, in the original channel order. It is informational (``cmpq
+  inspect`` draws it), is not needed to load the model, and is not part of
+  ``model.safetensors``, so it is not counted in the stored bits;
+- ``dequantized`` (RTN): a Hugging Face checkpoint holding the de-quantized
+  weights, plus ``cmpq.json`` with the description (method and what the
+  quantized storage costs).
 
 Writing goes to a temporary sibling directory that is renamed into place only
 when complete, so an interrupted run never leaves something that looks finished.
@@ -22,6 +25,7 @@ when complete, so an interrupted run never leaves something that looks finished.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -29,17 +33,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 
 from .errors import CmpqError
-from .models import replace_module
-from .qlinear import STORED_NAMES, QuantizedLinear
+from .qlinear import QuantizedLinear
 from .report import QuantizationReport
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+QUANT_METHOD = "cmpq"  # config.json's quantization_config.quant_method
 WEIGHTS_FILE = "model.safetensors"
-REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
 DESCRIPTION_FILE = "cmpq.json"
 STATS_FILE = "channel_stats.safetensors"
 
@@ -63,7 +65,6 @@ def save_quantized(
     quantized = quantized_layers(model)
     try:
         if quantized:
-            model.config.save_pretrained(staging)
             with unquantized_in_fp16(model):
                 save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "cmpq"})
             stats = {
@@ -88,6 +89,11 @@ def save_quantized(
                 **report.as_dict(),
                 "layers": layers,
             }
+            config = copy.deepcopy(model.config)  # the model itself stays unchanged
+            config.quantization_config = {"quant_method": QUANT_METHOD, **description}
+            config.save_pretrained(staging)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)
         else:
             model.save_pretrained(staging)
             description = {
@@ -95,8 +101,8 @@ def save_quantized(
                 "format": "dequantized",
                 **report.as_dict(),
             }
+            (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
         tokenizer.save_pretrained(staging)
-        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -125,17 +131,58 @@ def unquantized_in_fp16(model):
 
 
 def read_description(path: Path) -> dict:
+    """The description of a cmpq output: ``cmpq.json``, or, where only
+    ``config.json`` is there (a packed model re-saved by ``save_pretrained``),
+    its ``quantization_config``."""
+    path = Path(path)
+    source = path / DESCRIPTION_FILE
     try:
-        description = json.loads((Path(path) / DESCRIPTION_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CmpqError(f"{path}/{DESCRIPTION_FILE} is unreadable: {exc}") from None
-    version = description.get("format_version")
+        if source.is_file():
+            description = json.loads(source.read_text())
+        else:
+            source = path / "config.json"
+            description = json.loads(source.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError) as exc:
+        raise CmpqError(f"{source} is unreadable: {exc}") from None
+    check_format_version(description.get("format_version"), str(path))
+    return description
+
+
+def write_description(path: Path, description: dict) -> None:
+    """Replace the description where :func:`read_description` finds it (tests edit
+    checkpoints through this)."""
+    path = Path(path)
+    if (path / DESCRIPTION_FILE).is_file():
+        (path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        return
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, **description}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_cmpq_output(path: Path) -> bool:
+    """Whether ``path`` is a directory cmpq wrote (its own files, or re-saved by transformers)."""
+    path = Path(path)
+    if (path / DESCRIPTION_FILE).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def check_format_version(version, where: str) -> None:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CmpqError(
-            f"{path} has cmpq format version {version!r}; this cmpq reads versions up to "
+            f"{where} has cmpq format version {version!r}; this cmpq reads versions up to "
             f"{FORMAT_VERSION}: upgrade cmpq"
         )
-    return description
+    if version < FORMAT_VERSION:
+        raise CmpqError(
+            f"{where} has cmpq format version {version}, written by an earlier cmpq; this one "
+            f"reads version {FORMAT_VERSION} (see docs/format.md): quantize the model again"
+        )
 
 
 def quantized_layers(model) -> dict[str, QuantizedLinear]:
@@ -154,33 +201,20 @@ def load_quantized(path: Path):
 
 
 def _load_packed(path: Path, description: dict):
-    """Build the model from its config, put QuantizedLinear modules where the
-    description says, then load every stored tensor into place."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load through ``AutoModelForCausalLM.from_pretrained``: the quantizer cmpq
+    registers (:mod:`cmpq.hf`) checks the stored tensors and builds the modules."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    weights = path / WEIGHTS_FILE
+    from . import hf  # noqa: F401  (registers the cmpq quantizer with transformers)
+
+    if not is_cmpq_output(path) or not (path / "config.json").is_file():
+        raise CmpqError(f"{path}/config.json has no cmpq quantization_config")
     try:
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with safe_open(str(weights), framework="pt") as handle:
-            for name, layer in description["layers"].items():
-                tensors = {
-                    key: handle.get_tensor(f"{name}.{key}")
-                    for key in STORED_NAMES
-                    if f"{name}.{key}" in handle.keys()
-                }
-                missing = [key for key in REQUIRED_NAMES if key not in tensors]
-                if missing:
-                    raise KeyError(f"tensor {name}.{missing[0]} is missing")
-                bias = handle.get_tensor(f"{name}.bias") if layer["bias"] else None
-                module = QuantizedLinear(
-                    tensors, layer["out_features"], layer["in_features"], layer["layout"], bias
-                )
-                replace_module(model, name, module)
-        load_model(model, str(weights), strict=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+    except CmpqError as exc:
+        raise CmpqError(f"{path} is not a readable cmpq checkpoint: {exc}") from None
+    except Exception as exc:  # transformers and safetensors raise many types for bad files
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CmpqError(f"{path} is not a readable cmpq checkpoint: {first}") from None
-    model.tie_weights()
     return model.eval(), tokenizer

@@ -1,7 +1,8 @@
 """What a packed cmpq output holds, layer by layer (``cmpq inspect``).
 
 Everything is read from the output directory itself, never by building the
-model: ``cmpq.json`` gives the layers and their shapes, ``model.safetensors``
+model: the description (config.json's quantization_config) gives the layers
+and their shapes, ``model.safetensors``
 the bit-groups and permutation of each layer, and ``channel_stats.safetensors``
 (when present) the activation statistic that drove the allocation. Byte counts
 come from :func:`cmpq.lutquant.stored_bits`, the same count the quantization
@@ -18,15 +19,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import (
-    DESCRIPTION_FILE,
-    REQUIRED_NAMES,
     STATS_FILE,
     WEIGHTS_FILE,
+    is_cmpq_output,
     read_description,
 )
 from .errors import CmpqError
 from .lutquant import stored_bits
-from .qlinear import STORED_NAMES
+from .qlinear import REQUIRED_NAMES, STORED_NAMES
 
 HEATMAP_FILE = "bits_heatmap.png"
 # The dtypes cmpq stores, by their safetensors names: enough to size a tensor from its header.
@@ -151,14 +151,23 @@ def read_statistics(path: Path) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key).float() for key in handle.keys()}
 
 
+def block_order(item: tuple[str, dict]) -> list:
+    """Sort key for layer names: numbers by value, so block 10 follows block 9
+    (config.json stores the layers with their names sorted as text)."""
+    return [int(part) if part.isdigit() else part for part in item[0].split(".")]
+
+
 def packed_description(path: Path) -> dict:
-    """``cmpq.json`` of a packed output, or a one-line reason why ``path`` is not one."""
+    """The description of a packed output, or a one-line reason why ``path`` is not one."""
     if not path.exists():
         raise CmpqError(f"{path} does not exist")
     if not path.is_dir():
         raise CmpqError(f"{path} is not a directory")
-    if not (path / DESCRIPTION_FILE).is_file():
-        raise CmpqError(f"{path} is not a cmpq output: it has no {DESCRIPTION_FILE}")
+    if not is_cmpq_output(path):
+        raise CmpqError(
+            f"{path} is not a cmpq output: no cmpq.json, and no cmpq quantization_config "
+            "in config.json"
+        )
     description = read_description(path)
     kind = description.get("format")
     if kind == "dequantized":
@@ -181,10 +190,10 @@ def inspect_output(path: Path) -> Inspection:
             keys = set(handle.keys())
             layers = [
                 read_layer(handle, keys, name, layer, statistics.get(name))
-                for name, layer in description["layers"].items()
+                for name, layer in sorted(description["layers"].items(), key=block_order)
             ]
         if not layers:
-            raise ValueError(f"{DESCRIPTION_FILE} lists no quantized layers")
+            raise ValueError("its description lists no quantized layers")
     except (OSError, KeyError, TypeError, ValueError, SafetensorError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CmpqError(f"{path} is not a readable cmpq output: {first}") from None

