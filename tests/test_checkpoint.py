@@ -4,21 +4,14 @@ import pytest
 import torch
 
 from cmpq.checkpoint import load_quantized, save_quantized
-from cmpq.config import CMPQConfig
 from cmpq.errors import CmpqError
 from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
-from conftest import make_tiny_model
+from conftest import quantize_tiny
 
 
 @pytest.fixture(scope="module")
-def quantized_tiny(tiny_tokenizer):
-    model = make_tiny_model("qwen2")  # q/k/v carry biases
-    batch = torch.randint(0, 300, (4, 24))
-    report = quantize(
-        model, CMPQConfig(bits=3.3, kmeans_iters=5), calibration=batch, progress=False
-    )
-    return model, report
+def quantized_tiny():
+    return quantize_tiny("qwen2")  # q/k/v carry biases
 
 
 def test_save_load_round_trip(tmp_path, quantized_tiny, tiny_tokenizer):
@@ -82,3 +75,26 @@ def test_missing_tensor_is_a_clear_error(tmp_path, quantized_tiny, tiny_tokenize
     (out / "cmpq.json").write_text(json.dumps(description))
     with pytest.raises(CmpqError, match="not a readable cmpq checkpoint"):
         load_quantized(out)
+
+
+def _quantized_and_saved(arch, out, tokenizer):
+    model, report = quantize_tiny(arch)
+    return model, save_quantized(model, tokenizer, report, out)
+
+
+def test_same_inputs_give_byte_identical_checkpoints(tmp_path, tiny_tokenizer):
+    first = _quantized_and_saved("qwen2", tmp_path / "a", tiny_tokenizer)[1]
+    second = _quantized_and_saved("qwen2", tmp_path / "b", tiny_tokenizer)[1]
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    assert {"cmpq.json", "config.json", "model.safetensors", "tokenizer.json"} <= set(names)
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_description_holds_no_run_timings(tmp_path, quantized_tiny, tiny_tokenizer):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    description = json.loads((out / "cmpq.json").read_text())
+    assert "seconds" not in description and "peak_rss_bytes" not in description
+    assert {"seconds", "peak_rss_bytes"} <= set(report.as_dict())  # the CLI still prints them

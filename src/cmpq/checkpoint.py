@@ -72,7 +72,7 @@ def save_quantized(
             description = {
                 "format_version": FORMAT_VERSION,
                 "format": "packed",
-                **report.as_dict(),
+                **report.stored_dict(),
                 "layers": layers,
             }
         else:
@@ -80,7 +80,7 @@ def save_quantized(
             description = {
                 "format_version": FORMAT_VERSION,
                 "format": "dequantized",
-                **report.as_dict(),
+                **report.stored_dict(),
             }
         tokenizer.save_pretrained(staging)
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
