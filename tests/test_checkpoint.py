@@ -14,6 +14,13 @@ def quantized_tiny():
     return quantize_tiny("qwen2")  # q/k/v carry biases
 
 
+def _edit_description(out, edit):
+    """Hand-edit the saved cmpq.json with ``edit(description)``."""
+    description = json.loads((out / "cmpq.json").read_text())
+    edit(description)
+    (out / "cmpq.json").write_text(json.dumps(description))
+
+
 def test_save_load_round_trip(tmp_path, quantized_tiny, tiny_tokenizer):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
@@ -55,25 +62,35 @@ def test_failed_write_leaves_nothing(tmp_path, quantized_tiny):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_newer_format_is_refused(tmp_path, quantized_tiny, tiny_tokenizer):
-    model, report = quantized_tiny
-    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
-    description = json.loads((out / "cmpq.json").read_text())
-    description["format_version"] = 99
-    (out / "cmpq.json").write_text(json.dumps(description))
-    with pytest.raises(CmpqError, match="format version 99.*upgrade cmpq"):
-        load_quantized(out)
+def _list_extra_layer(description):
+    layers = description["layers"]
+    layers["model.layers.0.mlp.up_proj.extra"] = layers["model.layers.0.mlp.up_proj"]
 
 
-def test_missing_tensor_is_a_clear_error(tmp_path, quantized_tiny, tiny_tokenizer):
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(format_version=99), "format version 99.*upgrade cmpq"),
+        (_list_extra_layer, "up_proj.extra: listed in cmpq.json but not a linear layer"),
+        (
+            lambda d: d.update(effective_bits=2.0),
+            "cmpq.json effective_bits is 2.0 but the stored tensors",
+        ),
+        # loaded as a Hugging Face checkpoint, every linear would get random weights
+        (
+            lambda d: d.update(format="dequantized"),
+            "format is 'dequantized' but layers lists packed layers",
+        ),
+    ],
+    ids=["newer-format", "extra-layer", "edited-total", "relabelled-dequantized"],
+)
+def test_hand_edited_description_is_refused(
+    tmp_path, quantized_tiny, tiny_tokenizer, edit, message
+):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
-    description = json.loads((out / "cmpq.json").read_text())
-    description["layers"]["model.layers.0.mlp.up_proj.extra"] = description["layers"][
-        "model.layers.0.mlp.up_proj"
-    ]
-    (out / "cmpq.json").write_text(json.dumps(description))
-    with pytest.raises(CmpqError, match="not a readable cmpq checkpoint"):
+    _edit_description(out, edit)
+    with pytest.raises(CmpqError, match=message):
         load_quantized(out)
 
 
@@ -98,3 +115,64 @@ def test_description_holds_no_run_timings(tmp_path, quantized_tiny, tiny_tokeniz
     description = json.loads((out / "cmpq.json").read_text())
     assert "seconds" not in description and "peak_rss_bytes" not in description
     assert {"seconds", "peak_rss_bytes"} <= set(report.as_dict())  # the CLI still prints them
+
+
+def test_tied_conv1d_model_round_trip(tmp_path, tiny_tokenizer):
+    model, out = _quantized_and_saved("gpt2", tmp_path / "q", tiny_tokenizer)  # tied, Conv1D
+    loaded, _ = load_quantized(out)
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -1])
+def test_truncated_weights_file_is_a_clear_error(tmp_path, quantized_tiny, tiny_tokenizer, keep):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(CmpqError, match="model.safetensors is not a readable safetensors file"):
+        load_quantized(out)
+
+
+def _rewrite(out, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = str(out / "model.safetensors")
+    with safe_open(weights, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(tensors)
+    save_file(tensors, weights, metadata={"format": "cmpq"})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1]}),
+            r"model\.norm\.weight: expected shape \[64\], found \[63\]",
+        ),
+        (
+            lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"),
+            r"model\.layers\.1\.self_attn\.k_proj\.bias: missing",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(1)}),
+            r"model\.layers\.0\.mlp\.up_proj\.weight: unexpected tensor",
+        ),
+        (
+            lambda t: t["model.layers.0.mlp.up_proj.perm"].__setitem__(0, 1_000),
+            r"model\.layers\.0\.mlp\.up_proj\.perm: expected indices in 0\.\.63, found 1000 at 0",
+        ),
+    ],
+)
+def test_damaged_tensor_is_a_one_line_error_naming_it(
+    tmp_path, quantized_tiny, tiny_tokenizer, change, message
+):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    _rewrite(out, change)
+    with pytest.raises(CmpqError, match=f"is not a readable cmpq checkpoint: {message}") as caught:
+        load_quantized(out)
+    assert "\n" not in str(caught.value)

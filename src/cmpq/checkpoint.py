@@ -24,17 +24,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from .errors import CmpqError
 from .models import replace_module
-from .qlinear import STORED_NAMES, QuantizedLinear
+from .qlinear import QuantizedLinear
 from .report import QuantizationReport
+from .validate import check_description, read_checked_layers
 
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
-REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
 DESCRIPTION_FILE = "cmpq.json"
 
 
@@ -114,14 +114,12 @@ def unquantized_in_fp16(model):
 def read_description(path: Path) -> dict:
     try:
         description = json.loads((Path(path) / DESCRIPTION_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not even text
         raise CmpqError(f"{path}/{DESCRIPTION_FILE} is unreadable: {exc}") from None
-    version = description.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CmpqError(
-            f"{path} has cmpq format version {version!r}; this cmpq reads versions up to "
-            f"{FORMAT_VERSION}: upgrade cmpq"
-        )
+    try:
+        check_description(description, FORMAT_VERSION)
+    except CmpqError as exc:
+        raise CmpqError(f"{path}/{DESCRIPTION_FILE}: {exc}") from None
     return description
 
 
@@ -150,23 +148,18 @@ def _load_packed(path: Path, description: dict):
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with safe_open(str(weights), framework="pt") as handle:
+            stored = read_checked_layers(handle, model, description)
             for name, layer in description["layers"].items():
-                tensors = {
-                    key: handle.get_tensor(f"{name}.{key}")
-                    for key in STORED_NAMES
-                    if f"{name}.{key}" in handle.keys()
-                }
-                missing = [key for key in REQUIRED_NAMES if key not in tensors]
-                if missing:
-                    raise KeyError(f"tensor {name}.{missing[0]} is missing")
                 bias = handle.get_tensor(f"{name}.bias") if layer["bias"] else None
                 module = QuantizedLinear(
-                    tensors, layer["out_features"], layer["in_features"], layer["layout"], bias
+                    stored[name], layer["out_features"], layer["in_features"], layer["layout"], bias
                 )
                 replace_module(model, name, module)
         load_model(model, str(weights), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+    except SafetensorError as exc:  # truncated or garbage: the header does not cover the file
+        raise CmpqError(f"{weights} is not a readable safetensors file: {exc}") from None
+    except (CmpqError, OSError, KeyError, RuntimeError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CmpqError(f"{path} is not a readable cmpq checkpoint: {first}") from None
     model.tie_weights()
