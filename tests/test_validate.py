@@ -13,7 +13,7 @@ from cmpq.lutquant import quantize_layer, stored_bits, to_tensors
 from cmpq.report import QuantizationReport
 from cmpq.validate import (
     check_description,
-    check_layer,
+    check_layer_tensors,
     check_target,
     check_totals,
     check_unquantized,
@@ -40,7 +40,7 @@ def _tensors(layout="column", outliers=True, code_bits=2.5):
 
 
 def _check(tensors, layout="column", out=OUT, inp=IN):
-    check_layer(NAME, tensors, out, inp, layout)
+    check_layer_tensors(NAME, tensors, out, inp, layout)
 
 
 @pytest.mark.parametrize("layout", ["row", "column"])
@@ -61,10 +61,10 @@ def test_wide_layers_use_int32_indices_and_pass():
     )
     tensors = to_tensors(layer)
     assert tensors["perm"].dtype == tensors["outlier_cols"].dtype == torch.int32
-    check_layer(NAME, tensors, 1, in_features, "row")
+    check_layer_tensors(NAME, tensors, 1, in_features, "row")
     tensors["perm"] = tensors["perm"].to(torch.int16)  # wraps past 32767
     with pytest.raises(CmpqError, match=r"perm: expected dtype torch\.int32, found torch\.int16"):
-        check_layer(NAME, tensors, 1, in_features, "row")
+        check_layer_tensors(NAME, tensors, 1, in_features, "row")
 
 
 def _set(tensors, key, index, value):

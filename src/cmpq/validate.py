@@ -113,7 +113,7 @@ def check_target(name: str, entry: dict, module: nn.Module | None) -> None:
         )
 
 
-def check_layer(
+def check_layer_tensors(
     name: str,
     tensors: Mapping[str, torch.Tensor],
     out_features: int,
@@ -291,11 +291,13 @@ def check_unquantized(
 ) -> None:
     """The weights file's other tensors against the model's state dict.
 
-    ``stored`` maps each tensor name to its safetensors dtype (``"F16"``) and
-    shape. Every stored tensor must be one of the model's, of its shape, and a
-    floating one must be stored as a float (``load_state_dict`` would silently
-    cast integers); every model tensor must be stored, or share its storage
-    with a stored one (tied embeddings are written once).
+    ``expected`` is ``model.state_dict(keep_vars=True)``: the parameter objects,
+    so tied names are one object on any device (on the meta device storage
+    addresses tell nothing). ``stored`` maps each tensor name in the file to its
+    safetensors dtype (``"F16"``) and shape. Every stored tensor must be one of
+    the model's, of its shape, and a floating one must be stored as a float
+    (``load_state_dict`` would silently cast integers); every model tensor must
+    be stored, itself or through a tied name (tied embeddings are written once).
     """
     for key, (dtype, shape) in stored.items():
         tensor = expected.get(key)
@@ -308,9 +310,9 @@ def check_unquantized(
             raise CmpqError(f"{key}: expected shape {list(tensor.shape)}, found {list(shape)}")
         if tensor.is_floating_point() and dtype not in FLOAT_STORAGE:
             raise CmpqError(f"{key}: expected dtype {' or '.join(FLOAT_STORAGE)}, found {dtype}")
-    present = {expected[key].data_ptr() for key in stored}
+    present = {id(expected[key]) for key in stored}
     for key, tensor in expected.items():
-        if key not in stored and tensor.data_ptr() not in present:
+        if key not in stored and id(tensor) not in present:
             raise CmpqError(f"{key}: missing from the weights file")
 
 
@@ -332,12 +334,14 @@ def read_checked_layers(handle, model: nn.Module, description: dict) -> dict[str
             for key in STORED_NAMES
             if f"{name}.{key}" in keys
         }
-        check_layer(name, tensors, entry["out_features"], entry["in_features"], entry["layout"])
+        shape = (entry["out_features"], entry["in_features"])
+        check_layer_tensors(name, tensors, *shape, entry["layout"])
         stored[name] = tensors
     check_totals(description, stored)
     quantized = {f"{name}.{key}" for name, tensors in stored.items() for key in tensors}
     replaced = {f"{name}.weight" for name in layers}
-    expected = {key: t for key, t in model.state_dict().items() if key not in replaced}
+    state = model.state_dict(keep_vars=True)
+    expected = {key: t for key, t in state.items() if key not in replaced}
     specs = {}
     for key in sorted(keys - quantized):
         tensor = handle.get_slice(key)
