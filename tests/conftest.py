@@ -81,6 +81,18 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def quantize_tiny(arch: str = "qwen2"):
+    """A tiny model CMPQ-quantized at 3.3 bits (two bit-groups per layer, outliers):
+    the same model, data, options and seed on every call. Returns ``(model, report)``."""
+    from cmpq.config import CMPQConfig
+    from cmpq.quantize import quantize
+
+    model = make_tiny_model(arch)
+    batch = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    config = CMPQConfig(bits=3.3, kmeans_iters=5)
+    return model, quantize(model, config, calibration=batch, progress=False)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_model(request):
     return request.param, make_tiny_model(request.param)

@@ -2,21 +2,21 @@ import pytest
 import torch
 
 from cmpq.checkpoint import load_quantized, read_description, save_quantized, write_description
-from cmpq.config import CMPQConfig
 from cmpq.errors import CmpqError
 from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
-from conftest import make_tiny_model
+from conftest import quantize_tiny
 
 
 @pytest.fixture(scope="module")
-def quantized_tiny(tiny_tokenizer):
-    model = make_tiny_model("qwen2")  # q/k/v carry biases
-    batch = torch.randint(0, 300, (4, 24))
-    report = quantize(
-        model, CMPQConfig(bits=3.3, kmeans_iters=5), calibration=batch, progress=False
-    )
-    return model, report
+def quantized_tiny():
+    return quantize_tiny("qwen2")  # q/k/v carry biases
+
+
+def _edit_description(out, edit):
+    """Hand-edit the saved description with ``edit(description)``."""
+    description = read_description(out)
+    edit(description)
+    write_description(out, description)
 
 
 def test_save_load_round_trip(tmp_path, quantized_tiny, tiny_tokenizer):
@@ -60,23 +60,117 @@ def test_failed_write_leaves_nothing(tmp_path, quantized_tiny):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_newer_format_is_refused(tmp_path, quantized_tiny, tiny_tokenizer):
+def _list_extra_layer(description):
+    layers = description["layers"]
+    layers["model.layers.0.mlp.up_proj.extra"] = layers["model.layers.0.mlp.up_proj"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(format_version=99), "format version 99.*upgrade cmpq"),
+        (_list_extra_layer, "up_proj.extra: listed in the description but not a linear layer"),
+        (
+            lambda d: d.update(effective_bits=2.0),
+            "the description's effective_bits is 2.0 but the stored tensors",
+        ),
+        # loaded as a Hugging Face checkpoint, every linear would get random weights
+        (
+            lambda d: d.update(format="dequantized"),
+            "format is 'dequantized' but layers lists packed layers",
+        ),
+    ],
+    ids=["newer-format", "extra-layer", "edited-total", "relabelled-dequantized"],
+)
+def test_hand_edited_description_is_refused(
+    tmp_path, quantized_tiny, tiny_tokenizer, edit, message
+):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
-    description = read_description(out)
-    description["format_version"] = 99
-    write_description(out, description)
-    with pytest.raises(CmpqError, match="format version 99.*upgrade cmpq"):
+    _edit_description(out, edit)
+    with pytest.raises(CmpqError, match=message):
         load_quantized(out)
 
 
-def test_missing_tensor_is_a_clear_error(tmp_path, quantized_tiny, tiny_tokenizer):
+def _quantized_and_saved(arch, out, tokenizer):
+    model, report = quantize_tiny(arch)
+    return model, save_quantized(model, tokenizer, report, out)
+
+
+def test_same_inputs_give_byte_identical_checkpoints(tmp_path, tiny_tokenizer):
+    first = _quantized_and_saved("qwen2", tmp_path / "a", tiny_tokenizer)[1]
+    second = _quantized_and_saved("qwen2", tmp_path / "b", tiny_tokenizer)[1]
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_description_holds_no_run_timings(tmp_path, quantized_tiny, tiny_tokenizer):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
     description = read_description(out)
-    description["layers"]["model.layers.0.mlp.up_proj.extra"] = description["layers"][
-        "model.layers.0.mlp.up_proj"
-    ]
-    write_description(out, description)
-    with pytest.raises(CmpqError, match="not a readable cmpq checkpoint"):
+    assert "seconds" not in description and "peak_rss_bytes" not in description
+    assert {"seconds", "peak_rss_bytes"} <= set(report.as_dict())  # the CLI still prints them
+
+
+def test_tied_conv1d_model_round_trip(tmp_path, tiny_tokenizer):
+    model, out = _quantized_and_saved("gpt2", tmp_path / "q", tiny_tokenizer)  # tied, Conv1D
+    loaded, _ = load_quantized(out)
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -1])
+def test_truncated_weights_file_is_a_clear_error(tmp_path, quantized_tiny, tiny_tokenizer, keep):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(CmpqError, match="model.safetensors is not a readable safetensors file"):
         load_quantized(out)
+
+
+def _rewrite(out, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = str(out / "model.safetensors")
+    with safe_open(weights, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(tensors)
+    save_file(tensors, weights, metadata={"format": "cmpq"})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1]}),
+            r"model\.norm\.weight: expected shape \[64\], found \[63\]",
+        ),
+        (
+            lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"),
+            r"model\.layers\.1\.self_attn\.k_proj\.bias: missing",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(1)}),
+            r"model\.layers\.0\.mlp\.up_proj\.weight: unexpected tensor",
+        ),
+        (
+            lambda t: t["model.layers.0.mlp.up_proj.perm"].__setitem__(0, 1_000),
+            r"model\.layers\.0\.mlp\.up_proj\.perm: expected indices in 0\.\.63, found 1000 at 0",
+        ),
+    ],
+)
+def test_damaged_tensor_is_a_one_line_error_naming_it(
+    tmp_path, quantized_tiny, tiny_tokenizer, change, message
+):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    _rewrite(out, change)
+    with pytest.raises(CmpqError, match=f"is not a readable cmpq checkpoint: {message}") as caught:
+        load_quantized(out)
+    assert "\n" not in str(caught.value)

@@ -244,7 +244,7 @@ BAD_DIRECTORIES = [
     ("checkpoint", "is not a cmpq output: no cmpq.json"),
     ("rtn", "no per-channel layout to inspect"),
     ("truncated", "is not a readable cmpq output"),
-    ("no_layers", "lists no quantized layers"),
+    ("no_layers", "layers must map every quantized layer to its shape, found none"),
     ("missing_tensor", "tensor model.layers.1.mlp.up_proj.lut is missing"),
 ]
 

@@ -29,15 +29,15 @@ import copy
 import json
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_file
 
 from .errors import CmpqError
 from .qlinear import QuantizedLinear
 from .report import QuantizationReport
+from .validate import check_description
 
 FORMAT_VERSION = 3
 QUANT_METHOD = "cmpq"  # config.json's quantization_config.quant_method
@@ -65,8 +65,7 @@ def save_quantized(
     quantized = quantized_layers(model)
     try:
         if quantized:
-            with unquantized_in_fp16(model):
-                save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "cmpq"})
+            save_file(packed_state_dict(model), str(staging / WEIGHTS_FILE), {"format": "cmpq"})
             stats = {
                 name: statistic.float().contiguous()
                 for name, statistic in report.channel_statistics.items()
@@ -86,7 +85,7 @@ def save_quantized(
             description = {
                 "format_version": FORMAT_VERSION,
                 "format": "packed",
-                **report.as_dict(),
+                **report.stored_dict(),
                 "layers": layers,
             }
             config = copy.deepcopy(model.config)  # the model itself stays unchanged
@@ -99,10 +98,12 @@ def save_quantized(
             description = {
                 "format_version": FORMAT_VERSION,
                 "format": "dequantized",
-                **report.as_dict(),
+                **report.stored_dict(),
             }
             (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
         tokenizer.save_pretrained(staging)
+        for written in staging.iterdir():  # safetensors writes 0600; the output is for sharing
+            written.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -112,22 +113,20 @@ def save_quantized(
     return out
 
 
-@contextmanager
-def unquantized_in_fp16(model):
-    """Hold every fp32 parameter outside the quantized tables in fp16 while saving.
+def packed_state_dict(model) -> dict[str, torch.Tensor]:
+    """What a packed checkpoint stores: every tensor of the state dict once, tied
+    copies left to their source (transformers re-ties them on loading), fp32
+    parameters outside the quantized tables in fp16 (exact: quantizing rounded
+    them to fp16, :func:`cmpq.quantize.round_unquantized_to_fp16`)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    halves: dict[int, torch.Tensor] = {}  # by storage, so shared tensors are written once
 
-    Embeddings, norms, lm_head and biases are stored in fp16 (loading casts them
-    back to fp32); the model is left as it was.
-    """
-    kept = [p for p in model.parameters() if p.dtype == torch.float32]  # tied ones once
-    originals = [p.data for p in kept]
-    try:
-        for p in kept:
-            p.data = p.data.half()
-        yield
-    finally:
-        for p, data in zip(kept, originals, strict=True):
-            p.data = data
+    def stored(value: torch.Tensor) -> torch.Tensor:
+        if value.dtype != torch.float32:
+            return value.contiguous()
+        return halves.setdefault(value.data_ptr(), value.half().contiguous())
+
+    return {key: stored(value) for key, value in model.state_dict().items() if key not in tied}
 
 
 def read_description(path: Path) -> dict:
@@ -145,6 +144,10 @@ def read_description(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise CmpqError(f"{source} is unreadable: {exc}") from None
     check_format_version(description.get("format_version"), str(path))
+    try:
+        check_description(description, FORMAT_VERSION)
+    except CmpqError as exc:
+        raise CmpqError(f"{source}: {exc}") from None
     return description
 
 

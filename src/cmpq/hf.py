@@ -7,8 +7,8 @@ registration API, the config class and the quantizer that turns it into
 
 - before the weights load (the model is still on the meta device), the quantizer
   reads the quantized layers' stored tensors from the checkpoint, checks them
-  (:func:`cmpq.validate.check_layer_tensors`), and puts a ``QuantizedLinear``
-  holding them where each listed linear was;
+  and the other tensors' names, dtypes and shapes (:mod:`cmpq.validate`), and
+  puts a ``QuantizedLinear`` holding them where each listed linear was;
 - transformers' loader then fills everything else (embeddings, norms, biases)
   and copies the same stored tensors into the modules' buffers;
 - afterwards the tables and outlier values are put back in fp16 whatever
@@ -22,14 +22,21 @@ when quantized, so nothing changes), which keeps the file the size cmpq reports.
 from __future__ import annotations
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import QUANT_METHOD, check_format_version
+from .checkpoint import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    WEIGHTS_FILE,
+    check_format_version,
+    packed_state_dict,
+)
 from .errors import CmpqError
 from .models import replace_module
-from .qlinear import FP16_NAMES, REQUIRED_NAMES, STORED_NAMES, QuantizedLinear
+from .qlinear import FP16_NAMES, QuantizedLinear
+from .validate import check_description, read_checked_layers
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -46,19 +53,6 @@ class CmpqHfConfig(QuantizationConfigMixin):
                 setattr(self, key, value)
 
 
-def read_stored_tensors(files: list[str], layers: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Every quantized layer's stored tensors, by layer name, from safetensors ``files``."""
-    wanted = {f"{name}.{key}": (name, key) for name in layers for key in STORED_NAMES}
-    found: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for tensor_name in handle.keys():
-                if tensor_name in wanted:
-                    name, key = wanted[tensor_name]
-                    found[name][key] = handle.get_tensor(tensor_name)
-    return found
-
-
 @register_quantizer(QUANT_METHOD)
 class CmpqHfQuantizer(HfQuantizer):
     """Loads pre-quantized cmpq checkpoints (quantizing happens in ``cmpq.quantize``)."""
@@ -69,22 +63,29 @@ class CmpqHfQuantizer(HfQuantizer):
         check_format_version(self.quantization_config.format_version, "this checkpoint")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        layers = self.quantization_config.layers
-        stored = read_stored_tensors(checkpoint_files or [], layers)
-        for name, layer in layers.items():
-            missing = [key for key in REQUIRED_NAMES if key not in stored[name]]
-            if missing:
-                raise CmpqError(f"tensor {name}.{missing[0]} is missing")
+        description = self.quantization_config.to_dict()
+        description.pop("quant_method", None)
+        check_description(description, FORMAT_VERSION)
+        if len(checkpoint_files or []) != 1:
+            raise CmpqError(
+                f"a cmpq checkpoint is one {WEIGHTS_FILE}, found {len(checkpoint_files or [])} "
+                "weight files (re-save with a larger max_shard_size)"
+            )
+        try:  # transformers builds the model under a meta-device context: check on the CPU
+            with torch.device("cpu"), safe_open(str(checkpoint_files[0]), framework="pt") as handle:
+                stored = read_checked_layers(handle, model, description)
+        except SafetensorError as exc:  # truncated or garbage: the header does not cover the file
+            raise CmpqError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
+        for name, layer in description["layers"].items():
             bias = torch.empty(layer["out_features"]) if layer["bias"] else None
             module = QuantizedLinear(
                 stored[name], layer["out_features"], layer["in_features"], layer["layout"], bias
             )
-            try:
-                replace_module(model, name, module)
-            except AttributeError:
-                raise CmpqError(
-                    f"{name}: listed as quantized but the model has no such module"
-                ) from None
+            replace_module(model, name, module)
+            # transformers' weight initialisers of some parents (GPT-2's attention and MLP)
+            # reach for the child's dense .weight: the stored tensors need no initialising
+            parent = model.get_submodule(name.rpartition(".")[0])
+            module._is_hf_initialized = parent._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -96,16 +97,8 @@ class CmpqHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """Non-quantized fp32 parameters are written in fp16 (exact: cmpq rounded them)."""
-        halves: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor
-
-        def stored(value: torch.Tensor) -> torch.Tensor:
-            if value.dtype != torch.float32:
-                return value
-            return halves.setdefault(value.data_ptr(), value.half())
-
-        state = {key: stored(value) for key, value in model.state_dict().items()}
-        return state, {"format": "cmpq"}
+        """The tensors cmpq's own writer stores (non-quantized parameters in fp16)."""
+        return packed_state_dict(model), {"format": "cmpq"}
 
     def is_serializable(self) -> bool:
         return True

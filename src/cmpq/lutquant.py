@@ -219,26 +219,43 @@ def dequantize_layer(layer: LUTLayer) -> torch.Tensor:
     return weight
 
 
-def _index_dtype(count: int) -> torch.dtype:
-    return torch.int16 if index_bits(count) == 16 else torch.int32
+def stored_dtypes(in_features: int) -> dict[str, torch.dtype]:
+    """The dtype of every stored tensor of a layer with ``in_features`` input columns.
+
+    Column indices (the permutation, outlier columns) take int16 when they fit
+    (``allocate.index_bits``), as the cost model counts them. The loader
+    requires exactly these dtypes, so the writer and the checks cannot drift.
+    """
+    index = torch.int16 if index_bits(in_features) == 16 else torch.int32
+    return {
+        "codes": torch.uint8,
+        "lut": torch.float16,
+        "perm": index,
+        "group_bits": torch.uint8,
+        "group_sizes": torch.int32,
+        "outlier_crow": torch.int32,
+        "outlier_cols": index,
+        "outlier_values": torch.float16,
+    }
 
 
 def to_tensors(layer: LUTLayer) -> dict[str, torch.Tensor]:
     """The tensors stored for this layer (packed codes, tables, metadata, CSR outliers)."""
+    dtypes = stored_dtypes(layer.in_features)
     tensors = {
         "codes": pack_groups([c.flatten() for c in layer.codes], layer.group_bits),
-        "lut": torch.cat([t.flatten() for t in layer.luts]),
-        "perm": layer.perm.to(_index_dtype(layer.in_features)),
-        "group_bits": torch.tensor(layer.group_bits, dtype=torch.uint8),
-        "group_sizes": torch.tensor(layer.group_sizes, dtype=torch.int32),
+        "lut": torch.cat([t.flatten() for t in layer.luts]).to(dtypes["lut"]),
+        "perm": layer.perm.to(dtypes["perm"]),
+        "group_bits": torch.tensor(layer.group_bits, dtype=dtypes["group_bits"]),
+        "group_sizes": torch.tensor(layer.group_sizes, dtype=dtypes["group_sizes"]),
     }
     if layer.outlier_values.numel():
         counts = torch.bincount(layer.outlier_rows, minlength=layer.out_features)
-        crow = torch.zeros(layer.out_features + 1, dtype=torch.int32)
+        crow = torch.zeros(layer.out_features + 1, dtype=dtypes["outlier_crow"])
         crow[1:] = counts.cumsum(0)
         tensors["outlier_crow"] = crow
-        tensors["outlier_cols"] = layer.outlier_cols.to(_index_dtype(layer.in_features))
-        tensors["outlier_values"] = layer.outlier_values
+        tensors["outlier_cols"] = layer.outlier_cols.to(dtypes["outlier_cols"])
+        tensors["outlier_values"] = layer.outlier_values.to(dtypes["outlier_values"])
     return tensors
 
 

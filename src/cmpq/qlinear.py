@@ -16,17 +16,9 @@ from torch import nn
 
 from .lutquant import LUTLayer, dequantize_layer, from_tensors, to_tensors
 
-STORED_NAMES = (
-    "codes",
-    "lut",
-    "perm",
-    "group_bits",
-    "group_sizes",
-    "outlier_crow",
-    "outlier_cols",
-    "outlier_values",
-)
-REQUIRED_NAMES = STORED_NAMES[:5]  # every layer has these; outliers are optional
+REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
+OUTLIER_NAMES = ("outlier_crow", "outlier_cols", "outlier_values")  # all three or none
+STORED_NAMES = REQUIRED_NAMES + OUTLIER_NAMES
 FP16_NAMES = ("lut", "outlier_values")  # stored in fp16 whatever dtype the model runs in
 
 

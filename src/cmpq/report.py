@@ -66,7 +66,9 @@ class QuantizationReport:
     def effective_bits(self) -> float:
         return self.stored_bits / self.quantized_params if self.quantized_params else 0.0
 
-    def as_dict(self) -> dict:
+    def stored_dict(self) -> dict:
+        """What was stored and how it was made: a property of the checkpoint, so the
+        same model, data, options and seed give the same dict (``cmpq.json`` holds it)."""
         return {
             "method": self.method,
             "config": self.config,
@@ -77,9 +79,15 @@ class QuantizationReport:
             "quantized_params": self.quantized_params,
             "stored_bytes": self.stored_bytes,
             "layers": self.layers,
+            "code_bits": self.code_bits,
+        }
+
+    def as_dict(self) -> dict:
+        """:meth:`stored_dict` plus what this run cost (wall-clock time, peak memory)."""
+        return {
+            **self.stored_dict(),
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
-            "code_bits": self.code_bits,
         }
 
     def summary(self) -> str:
