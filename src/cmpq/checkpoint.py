@@ -176,7 +176,9 @@ def is_cmpq_output(path: Path) -> bool:
 
 
 def check_format_version(version, where: str) -> None:
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CmpqError(f"{where} declares no cmpq format version (found {version!r})")
+    if version > FORMAT_VERSION:
         raise CmpqError(
             f"{where} has cmpq format version {version!r}; this cmpq reads versions up to "
             f"{FORMAT_VERSION}: upgrade cmpq"

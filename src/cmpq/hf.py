@@ -97,8 +97,9 @@ class CmpqHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """The tensors cmpq's own writer stores (non-quantized parameters in fp16)."""
-        return packed_state_dict(model), {"format": "cmpq"}
+        """The tensors cmpq's own writer stores (non-quantized parameters in fp16);
+        transformers sets the file's metadata itself."""
+        return packed_state_dict(model), {}
 
     def is_serializable(self) -> bool:
         return True

@@ -68,7 +68,8 @@ class QuantizationReport:
 
     def stored_dict(self) -> dict:
         """What was stored and how it was made: a property of the checkpoint, so the
-        same model, data, options and seed give the same dict (``cmpq.json`` holds it)."""
+        same model, data, options and seed give the same dict (the checkpoint's
+        description holds it)."""
         return {
             "method": self.method,
             "config": self.config,
