@@ -9,6 +9,7 @@ their weight count, is the total bits per weight to ask CMPQ for.
 
 from __future__ import annotations
 
+import json
 import re
 
 from torch import nn
@@ -20,7 +21,6 @@ from .qlinear import STORED_NAMES
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
-HEADER_ENTRY_BYTES = 48  # '"":{"dtype":"F16","shape":[,],"data_offsets":[,]},' and shape digits
 HEADER_FIXED_BYTES = 1024  # braces, the format metadata, padding
 UNQUANTIZED_BYTES_PER_VALUE = 2  # fp16
 
@@ -46,14 +46,24 @@ def unquantized_bytes(model: nn.Module) -> int:
 
 
 def header_bytes(model: nn.Module, max_bytes: int = 10**12) -> int:
-    """A close upper estimate of the safetensors header of the packed checkpoint
-    (each entry: its name, dtype, shape and two offsets below ``max_bytes``)."""
+    """An upper bound of the safetensors header of the packed checkpoint: each entry
+    written as safetensors writes it (compact JSON), with the parameters' own shapes,
+    and for the quantized tensors a length and offsets of ``max_bytes``'s digit count."""
     linears = quantizable_linears(model)
     quantized = {id(m.weight) for m in linears.values()}
-    names = [n for n, p in model.named_parameters() if id(p) not in quantized]
-    names += [f"{n}.{s}" for n in linears for s in STORED_NAMES]
-    per_entry = HEADER_ENTRY_BYTES + 2 * len(str(max_bytes))
-    return HEADER_FIXED_BYTES + sum(len(n) + per_entry for n in names)
+    shapes = {n: list(p.shape) for n, p in model.named_parameters() if id(p) not in quantized}
+    shapes.update({f"{n}.{s}": [max_bytes] for n in linears for s in STORED_NAMES})
+    offsets = [max_bytes, max_bytes]
+    entries = sum(
+        len(
+            json.dumps(
+                {name: {"dtype": "F16", "shape": shape, "data_offsets": offsets}},
+                separators=(",", ":"),
+            )
+        )  # fmt: skip
+        for name, shape in shapes.items()
+    )
+    return HEADER_FIXED_BYTES + entries
 
 
 def bits_for_size(model: nn.Module, max_bytes: int) -> float:
