@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -174,3 +176,16 @@ def test_damaged_tensor_is_a_one_line_error_naming_it(
     with pytest.raises(CmpqError, match=f"is not a readable cmpq checkpoint: {message}") as caught:
         load_quantized(out)
     assert "\n" not in str(caught.value)
+
+
+def test_packed_description_outside_config_json_is_refused(
+    tmp_path, quantized_tiny, tiny_tokenizer
+):
+    # transformers would build the plain model with random linears from such a directory
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    (out / "cmpq.json").write_text(json.dumps(config.pop("quantization_config")))
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CmpqError, match="config.json has no cmpq quantization_config"):
+        load_quantized(out)

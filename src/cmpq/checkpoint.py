@@ -163,16 +163,20 @@ def write_description(path: Path, description: dict) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def cmpq_quantization_config(path: Path) -> dict:
+    """``config.json``'s ``quantization_config`` when it is cmpq's, else ``{}``."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    is_cmpq = isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+    return quantization if is_cmpq else {}
+
+
 def is_cmpq_output(path: Path) -> bool:
     """Whether ``path`` is a directory cmpq wrote (its own files, or re-saved by transformers)."""
-    path = Path(path)
-    if (path / DESCRIPTION_FILE).is_file():
-        return True
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    return (Path(path) / DESCRIPTION_FILE).is_file() or bool(cmpq_quantization_config(path))
 
 
 def check_format_version(version, where: str) -> None:
@@ -202,17 +206,19 @@ def load_quantized(path: Path):
     description = read_description(path)
     if description.get("format") != "packed":
         return load_checkpoint(str(path), {})
-    return _load_packed(path, description)
+    return _load_packed(path)
 
 
-def _load_packed(path: Path, description: dict):
+def _load_packed(path: Path):
     """Load through ``AutoModelForCausalLM.from_pretrained``: the quantizer cmpq
     registers (:mod:`cmpq.hf`) checks the stored tensors and builds the modules."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import hf  # noqa: F401  (registers the cmpq quantizer with transformers)
 
-    if not is_cmpq_output(path) or not (path / "config.json").is_file():
+    # a packed description anywhere else (a hand-made cmpq.json) would let transformers
+    # build the plain model with random linears
+    if not cmpq_quantization_config(path):
         raise CmpqError(f"{path}/config.json has no cmpq quantization_config")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

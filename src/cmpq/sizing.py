@@ -60,7 +60,7 @@ def header_bytes(model: nn.Module, max_bytes: int = 10**12) -> int:
                 {name: {"dtype": "F16", "shape": shape, "data_offsets": offsets}},
                 separators=(",", ":"),
             )
-        )  # fmt: skip
+        )
         for name, shape in shapes.items()
     )
     return HEADER_FIXED_BYTES + entries
