@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from cmpq import CMPQConfig, load_model, quantize
+from cmpq.config import PAPER_METHOD
 from cmpq.checkpoint import WEIGHTS_FILE, save_quantized
 from cmpq.sizing import bits_for_size, parse_size
 
@@ -35,7 +36,10 @@ def measure(model_name: str, size_text: str) -> dict:
     model, tokenizer = load_model(model_name)
     stats, _ = calibration_stats(model, tokenizer, model_name)
     bits = bits_for_size(model, max_bytes)
-    report = quantize(model, CMPQConfig(bits=bits), progress=False, stats=stats)
+    # the paper method, as the committed rows were measured (sizing is the same arithmetic
+    # for every allocation: tests/test_sizing.py)
+    config = CMPQConfig(bits=bits, **PAPER_METHOD)
+    report = quantize(model, config, progress=False, stats=stats)
     with tempfile.TemporaryDirectory() as scratch:
         out = save_quantized(model, tokenizer, report, Path(scratch) / "q")
         size = (out / WEIGHTS_FILE).stat().st_size

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cmpq.calibrate import ChannelStats, collect_stats
-from cmpq.config import CMPQConfig
+from cmpq.config import PAPER_METHOD, CMPQConfig
 from cmpq.models import quantizable_linears
 from cmpq.qlinear import QuantizedLinear
 from cmpq.quantize import quantize
@@ -59,7 +59,7 @@ def test_sequential_calibration_changes_later_blocks_only():
     results = {}
     for sequential in (False, True):
         model = make_tiny_model("llama")
-        config = CMPQConfig(bits=4.5, sequential=sequential, kmeans_iters=5)
+        config = CMPQConfig(bits=4.5, sequential=sequential, kmeans_iters=5, **PAPER_METHOD)
         quantize(model, config, calibration=batch, progress=False)
         results[sequential] = {
             n: m.dequantized_weight()

@@ -42,6 +42,8 @@ class Setting:
 
 
 def plan() -> list[Setting]:
+    from cmpq.config import PAPER_METHOD
+
     settings = [Setting("fp32", "fp", "fp32", {})]
     settings += [
         Setting(f"hqq {bits}-bit g64", "hqq", "HQQ g64", {"bits": bits, "group": 64})
@@ -77,10 +79,15 @@ def plan() -> list[Setting]:
         Setting(f"rtn {bits}-bit g64", "rtn", "cmpq RTN g64", {"bits": bits, "group": 64})
         for bits in (2, 3, 4)
     ]
-    settings += [
-        Setting(f"cmpq {bits}", "cmpq", "cmpq CMPQ", {"bits": bits})
+    settings += [  # the paper's method (cmpq's defaults until issue 5)
+        Setting(f"cmpq {bits}", "cmpq", "cmpq (paper method)", {"bits": bits, **PAPER_METHOD})
         for bits in (2.0, 2.2, 2.5, 3.0, 3.3, 4.0, 4.5)
     ]
+    settings += [  # cmpq's defaults: rd-layer allocation with error feedback
+        Setting(f"cmpq rd-layer+ef {bits}", "cmpq", "cmpq (default: rd-layer + feedback)",
+                {"bits": bits, "allocation": "rd-layer", "error_feedback": True})
+        for bits in (4.5, 4.0, 3.3, 2.0, 3.0, 2.5, 2.2)
+    ]  # fmt: skip
     return settings
 
 
@@ -117,8 +124,10 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
         if setting.method == "rtn":
             config, stats = RTNConfig(setting.options["bits"], setting.options["group"]), None
         else:
-            config = CMPQConfig(bits=setting.options["bits"])
-            stats, row["calibration_seconds"] = calibration_stats(model, tokenizer, model_spec)
+            config = CMPQConfig(**setting.options)
+            stats, row["calibration_seconds"] = calibration_stats(
+                model, tokenizer, model_spec, gram=config.error_feedback
+            )
             start = time.perf_counter()
         report = quantize(model, config, tokenizer=tokenizer, progress=False, stats=stats)
         row.update(bits=report.effective_bits, peer_version=f"cmpq {version('cmpq')}",
@@ -286,7 +295,7 @@ def plot(model: str, rows: list[dict], path: Path) -> None:
             elif row[dataset] <= PLOT_CEILING:
                 series.setdefault(series_of(row["setting"]), []).append((row["bits"], row[dataset]))
         for index, (name, points) in enumerate(sorted(series.items())):
-            style = {"linewidth": 2.5, "color": "black"} if name == "cmpq CMPQ" else {}
+            style = {"linewidth": 2.5, "color": "black"} if name.startswith("cmpq (default") else {}
             axis.plot(*zip(*sorted(points), strict=True), marker=markers[index % len(markers)],
                       label=name, **style)  # fmt: skip
         axis.set_yscale("log")

@@ -33,13 +33,21 @@ class RTNConfig:
         return {"method": self.method, **asdict(self)}
 
 
+# The CMPQ paper's method, as the defaults were before rd-layer allocation and
+# error feedback measured better (docs/decisions.md): CMPQConfig(**PAPER_METHOD).
+PAPER_METHOD = {"allocation": "paper", "error_feedback": False}
+
+
 @dataclass(frozen=True)
 class CMPQConfig:
     """Channel-wise mixed-precision quantization to ``bits`` *total* stored bits
     per weight (codes + look-up tables + outliers + metadata).
 
-    The code bits are solved so the total lands just under ``bits``; channels
-    with the largest activation ``statistic`` get the extra bit (paper rule).
+    The code bits are solved so the total lands just under ``bits``. By default
+    (``rd-layer``) each layer spends the paper rule's budget, with its channels'
+    widths chosen by measured distortion per stored bit, and every column's
+    rounding error is fed forward (``error_feedback``); :data:`PAPER_METHOD`
+    gives the paper's own method (extra bit to the loudest channels, no feedback).
     """
 
     bits: float = 2.5
@@ -54,9 +62,9 @@ class CMPQConfig:
     calib_samples: int = 128
     calib_seqlen: int = 512
     sequential: bool = False
-    allocation: str = "paper"  # "paper": same widths in every layer; "rd": rate-distortion
+    allocation: str = "rd-layer"  # "paper": same widths in every layer; "rd": rate-distortion
     # across all layers; "rd-layer": rate-distortion within each layer at the paper's budget
-    error_feedback: bool = False  # GPTQ-style feedback of each column's error (needs XᵀX)
+    error_feedback: bool = True  # GPTQ-style feedback of each column's error (needs XᵀX)
     damp: float = 0.01  # error feedback: damping of XᵀX, as a fraction of its mean diagonal
 
     method = "cmpq"
@@ -73,12 +81,12 @@ class CMPQConfig:
         if self.allocation != "paper" and self.layout != "column":
             raise CmpqError(
                 f"--allocation {self.allocation} prices each input column alone: "
-                "use --layout column"
+                "use --layout column, or --allocation paper with --layout row"
             )
         if self.allocation != "paper" and self.sequential:
             raise CmpqError(
                 f"--allocation {self.allocation} needs every layer's statistics before the "
-                "first is quantized; it does not combine with --sequential"
+                "first is quantized; add --allocation paper to calibrate sequentially"
             )
         for name in ("outliers_act", "outliers_q"):
             value = getattr(self, name)
