@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from cmpq import CMPQConfig, RTNConfig, load_model, perplexity, quantize
-from cmpq.config import PAPER_METHOD
 from cmpq.calibrate import collect_stats
+from cmpq.config import PAPER_METHOD
 from cmpq.models import cache_dir, quantizable_linears
 from cmpq.quantize import calibration_batch
 from cmpq.report import peak_rss_bytes

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from cmpq import CMPQConfig, load_model, quantize
-from cmpq.config import PAPER_METHOD
 from cmpq.checkpoint import WEIGHTS_FILE, save_quantized
+from cmpq.config import PAPER_METHOD
 from cmpq.sizing import bits_for_size, parse_size
 
 HERE = Path(__file__).resolve().parent

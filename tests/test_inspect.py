@@ -19,7 +19,7 @@ from cmpq.checkpoint import (
     write_description,
 )
 from cmpq.cli import main
-from cmpq.config import CMPQConfig, RTNConfig
+from cmpq.config import PAPER_METHOD, CMPQConfig, RTNConfig
 from cmpq.errors import CmpqError
 from cmpq.inspection import (
     HEATMAP_FILE,
@@ -41,12 +41,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_tokenizer):
-    """A tiny Qwen2 quantized with mixed widths, saved; the model stays in memory."""
+    """A tiny Qwen2 quantized by the paper rule (two widths per layer, the wide
+    ones to the loudest channels), saved; the model stays in memory."""
     model = make_tiny_model("qwen2")
     batch = torch.randint(0, 300, (4, 24))
-    report = quantize(
-        model, CMPQConfig(bits=3.3, kmeans_iters=5), calibration=batch, progress=False
-    )
+    config = CMPQConfig(bits=3.3, kmeans_iters=5, **PAPER_METHOD)
+    report = quantize(model, config, calibration=batch, progress=False)
     out = save_quantized(model, tiny_tokenizer, report, tmp_path_factory.mktemp("q") / "q")
     return model, report, out
 

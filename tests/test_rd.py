@@ -32,7 +32,7 @@ def test_column_distortions_fall_with_width_and_match_the_quantizer():
 def test_rd_allocation_quantizes_a_model_within_budget():
     batch = torch.randint(0, 300, (3, 20))
     model = make_tiny_model("llama")
-    stats = collect_stats(model, batch)
+    stats = collect_stats(model, batch, gram=True)  # error feedback is on by default
     report = quantize(model, CMPQConfig(bits=5.0, allocation="rd", kmeans_iters=5), stats=stats)
     assert 4.9 <= report.effective_bits <= 5.0
     widths = [set(m.group_bits.tolist()) for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -42,7 +42,10 @@ def test_rd_allocation_quantizes_a_model_within_budget():
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"layout": "row"}, "use --layout column"), ({"sequential": True}, "--sequential")],
+    [
+        ({"layout": "row"}, "use --layout column"),
+        ({"sequential": True}, "--allocation paper to calibrate sequentially"),
+    ],
 )
 def test_rd_allocation_refuses_what_it_cannot_do(options, message):
     with pytest.raises(CmpqError, match=message):
@@ -83,7 +86,7 @@ def test_rd_layer_keeps_each_layer_within_its_paper_budget():
 def test_rd_layer_quantizes_a_model_within_budget():
     batch = torch.randint(0, 300, (3, 20))
     model = make_tiny_model("qwen2")
-    stats = collect_stats(model, batch)
+    stats = collect_stats(model, batch, gram=True)
     config = CMPQConfig(bits=4.0, allocation="rd-layer", layout="column", kmeans_iters=5)
     report = quantize(model, config, stats=stats)
     assert 3.9 <= report.effective_bits <= 4.0

@@ -130,7 +130,7 @@ def _fit_tables(
 
 def top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the ``count`` largest scores outside ``exclude``."""
-    mask = torch.zeros_like(exclude)
+    mask = torch.zeros(exclude.shape, dtype=torch.bool, device=exclude.device)  # contiguous
     if count <= 0:
         return mask
     score = score.masked_fill(exclude, float("-inf")).flatten()
