@@ -56,7 +56,7 @@ def _ratios(v: torch.Tensor, w: torch.Tensor, k: int, **kw: object) -> np.ndarra
     return sse / opt
 
 
-@pytest.mark.parametrize("init", ["quantile", "kmeans++"])
+@pytest.mark.parametrize("init", ["companded", "quantile", "kmeans++"])
 @pytest.mark.parametrize("n", [12, 20])
 def test_k2_is_exact(init: str, n: int) -> None:
     v, w = _random_problem(n, 40, n, "exp")
@@ -89,7 +89,7 @@ def test_refinement_never_hurts_and_usually_helps() -> None:
         assert refined.sum() < 0.95 * plain.sum()
 
 
-@pytest.mark.parametrize("init", ["quantile", "kmeans++"])
+@pytest.mark.parametrize("init", ["companded", "quantile", "kmeans++"])
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_well_separated_clusters_are_found_exactly(init: str, k: int) -> None:
     gen = torch.Generator().manual_seed(k)

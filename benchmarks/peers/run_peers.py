@@ -349,7 +349,8 @@ def main() -> None:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {setting.key} ...", flush=True)
         new = run_setting(args.model, setting, args)
-        rows = [row for row in rows if row["setting"] != setting.key] + new
+        # re-read: another run of this script may have written rows meanwhile
+        rows = [row for row in load_rows(args.model) if row["setting"] != setting.key] + new
         write_outputs(args.model, rows, command)
         for row in new:
             if "error" in row:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .allocate import groups_of, index_bits
-from .kmeans import nearest_centroid, weighted_kmeans_1d
+from .kmeans import nearest_centroid, weighted_kmeans_1d, weighted_kmeans_1d_each
 from .packing import pack_groups, unpack_groups
 
 
@@ -326,10 +326,10 @@ def column_distortions(
     """
     values, mask = weight.float().t(), keep.t().float()
     columns = []
-    for bits in widths:
-        centroids, assignment = weighted_kmeans_1d(
-            values, mask, 2**bits, iters=iters, seed=seed, refine=False
-        )
+    fits = weighted_kmeans_1d_each(
+        values, mask, [2**bits for bits in widths], iters=iters, seed=seed, refine=False
+    )
+    for centroids, assignment in fits:
         error = (values - centroids.half().float().gather(1, assignment)).square() * mask
         columns.append(error.sum(dim=1).double() * energy.double())
     return torch.stack(columns, dim=1)
