@@ -41,7 +41,12 @@ class Setting:
     options: dict
 
 
-def plan() -> list[Setting]:
+# cmpq's defaults again at the total bits llama.cpp's mixes measured on each model
+# (Q2_K, Q3_K_M; IQ3_XXS on gemma3), so the closest peers are compared at equal bits
+MATCHED_BITS = {"smollm2-135m": (4.23, 4.63), "gemma3-270m": (4.07, 4.15, 4.54)}
+
+
+def plan(model: str = "") -> list[Setting]:
     from cmpq.config import PAPER_METHOD
 
     settings = [Setting("fp32", "fp", "fp32", {})]
@@ -86,13 +91,13 @@ def plan() -> list[Setting]:
     settings += [  # cmpq's defaults: rd-layer allocation with error feedback
         Setting(f"cmpq rd-layer+ef {bits}", "cmpq", "cmpq (default: rd-layer + feedback)",
                 {"bits": bits, "allocation": "rd-layer", "error_feedback": True})
-        for bits in (4.5, 4.0, 3.3, 2.0, 3.0, 2.5, 2.2)
+        for bits in (4.5, 4.0, 3.3, 2.0, 3.0, 2.5, 2.2, *MATCHED_BITS.get(model, ()))
     ]  # fmt: skip
     return settings
 
 
-def series_of(key: str) -> str:
-    return next((s.series for s in plan() if s.key == key), key)
+def series_of(model: str, key: str) -> str:
+    return next((s.series for s in plan(model) if s.key == key), key)
 
 
 # --- one setting, in a child process -----------------------------------------------
@@ -176,7 +181,7 @@ def imported(path: Path, model: str, args) -> list[dict]:
         for row in rows
         if row["model"] == model and row["method"] in ("fp", "rtn", "cmpq")
         and row["windows"] == args.windows and row["seqlen"] == args.seqlen
-        and row["setting"] in {s.key for s in plan()}
+        and row["setting"] in {s.key for s in plan(model)}
     ]  # fmt: skip
     for row in keep:
         fp = row["method"] == "fp"
@@ -293,7 +298,9 @@ def plot(model: str, rows: list[dict], path: Path) -> None:
             if row["method"] == "fp":
                 axis.axhline(row[dataset], color="gray", linestyle="--", label="full precision")
             elif row[dataset] <= PLOT_CEILING:
-                series.setdefault(series_of(row["setting"]), []).append((row["bits"], row[dataset]))
+                series.setdefault(series_of(model, row["setting"]), []).append(
+                    (row["bits"], row[dataset])
+                )
         for index, (name, points) in enumerate(sorted(series.items())):
             style = {"linewidth": 2.5, "color": "black"} if name.startswith("cmpq (default") else {}
             axis.plot(*zip(*sorted(points), strict=True), marker=markers[index % len(markers)],
@@ -325,7 +332,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.one:
-        setting = next(s for s in plan() if s.key == args.one)
+        setting = next(s for s in plan(args.model) if s.key == args.one)
         args.row_out.write_text(json.dumps(run_one(args.model, setting, args)))
         return
     command = (f"python benchmarks/peers/run_peers.py --model {args.model} "
@@ -341,7 +348,7 @@ def main() -> None:
         ]
         write_outputs(args.model, rows, command)
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
-    for setting in plan():
+    for setting in plan(args.model):
         if wanted and setting.method not in wanted and setting.key not in wanted:
             continue
         done = {row["setting"] for row in rows if "error" not in row}
