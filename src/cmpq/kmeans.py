@@ -14,7 +14,7 @@ between midpoints, and its mean stays inside it); we re-sort anyway to be robust
 Lloyd's algorithm alone is a poor local optimiser here: on heavy-tailed rows (LLM weights) with
 heavy-tailed weights (activation energies) its fixed points are often 10-400 % above the optimum
 (quantile seeds all sit in the bulk, outliers get lumped together, and a heavy value just past a
-midpoint pins it; from quantile seeds, 5-8 bit tables of smollm2-135m's weight columns ended 2-70x
+midpoint pins it; from quantile seeds, 5-8 bit tables of smollm2-135m's weight columns ended 2-93x
 above what the search below finds).  The default seeds therefore follow the high-rate optimal
 point density ``p^(1/3)`` (``init="companded"``), which removes most of that gap for large k, and
 by default Lloyd is followed by a local search over the partition in sorted
@@ -168,9 +168,9 @@ def _init_companded(runs: _Runs, k: int) -> torch.Tensor:
     tails get more entries than their share of values.  Between consecutive sorted values
     ``x_i < x_{i+1}`` the density is taken as ``w_i / gap``, so the stretch adds
     ``w_i^(1/3) * gap^(2/3)``; centroids are interpolated inside the gaps.  On smollm2-135m's
-    weight columns, Lloyd from here ended 0.95-1.12x the error of Lloyd-from-quantiles plus
-    the boundary search, in a tenth of the time at 5-8 bits, and with the search 1-25 %
-    below it (docs/decisions.md).
+    weight columns, Lloyd from here ended 0.95-1.17x the error of Lloyd-from-quantiles plus
+    the boundary search, in a tenth of the time at 5-8 bits, and with the search 0-25 %
+    below it (benchmarks/results/kmeans-smollm2-135m.md).
     """
     sv = runs.sorted.double()
     gaps = sv[:, 1:] - sv[:, :-1]
@@ -237,8 +237,8 @@ def weighted_kmeans_1d(
         refine: after Lloyd, search over partitions of the sorted row
             (:func:`_refine_boundaries`), then polish with Lloyd again; per row the better of
             this and plain Lloyd is kept, so it is never worse.  ``False`` gives plain Lloyd
-            (3-20x faster; from the default seeds within about 10 % of the search's error on
-            smollm2-135m's weight columns, from quantile seeds often far worse).
+            (3-20x faster; from the default seeds 0-40 % above the search's error on
+            smollm2-135m's weight columns, from quantile seeds up to 90x above).
 
     Returns:
         ``(centroids, assignments)``: float32 ``[B, k]`` sorted ascending along each row, and
