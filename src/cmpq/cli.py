@@ -267,13 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.allocation,
         help="paper: the same widths in every layer, extra bit to the loudest channels; "
         "rd: widths for all channels of all layers at once, by measured distortion per bit; "
-        "rd-layer: the same trade within each layer, at the paper's budget per layer",
+        "rd-layer: the same trade within each layer, at the paper's budget per layer "
+        "(default: %(default)s; the paper's method is --allocation paper --no-error-feedback)",
     )
     cmpq_options.add_argument(
         "--error-feedback",
         action=argparse.BooleanOptionalAction,
         default=defaults.error_feedback,
-        help="GPTQ-style feedback of each column's rounding error onto the columns after it",
+        help="GPTQ-style feedback of each column's rounding error onto the columns after it "
+        "(default: on; gathers XᵀX during calibration)",
     )
     cmpq_options.add_argument(
         "--damp",
