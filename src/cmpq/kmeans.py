@@ -339,8 +339,7 @@ def _lloyd(
     other rows in the batch, and converged rows cost nothing.
     """
     c = c.clone()
-    B, N = runs.sorted.shape
-    live = torch.arange(B, device=c.device)
+    live = torch.arange(c.shape[0], device=c.device)
     sub, cl, sl = runs, c, scale
     for _ in range(iters):
         bounds = _run_bounds(sub.sorted, cl)
