@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cmpq.calibrate import ChannelStats, collect_stats
+from cmpq import calibrate
+from cmpq.calibrate import ChannelStats, collect_stats, token_gram
 from cmpq.config import PAPER_METHOD, CMPQConfig
 from cmpq.models import quantizable_linears
 from cmpq.qlinear import QuantizedLinear
@@ -27,19 +28,29 @@ def test_channel_stats_accumulate_exactly():
         stats.statistic("median")
 
 
+def test_token_gram_is_the_full_product():
+    x = torch.randn(2, 7, 200)  # 200 channels: one full tile of 192 and a ragged one
+    flat = x.reshape(-1, 200).double()
+    gram = token_gram(x)
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, flat.t() @ flat, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gram, gram.t())
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_block_looper_sees_what_the_full_model_sees(arch):
-    """Statistics from the block-by-block run equal hooks on a full forward."""
+def test_block_looper_sees_what_the_full_model_sees(arch, monkeypatch):
+    """Statistics from the block-by-block run, two windows per batch, equal hooks
+    on a full forward of one window at a time."""
+    monkeypatch.setattr(calibrate, "WINDOWS_PER_FORWARD", 2)  # batches of 2 and 1
     model = make_tiny_model(arch)
     batch = torch.randint(0, 300, (3, 20))  # longer than Gemma 3's sliding window of 16
-    stats = collect_stats(model, batch)
-    reference = {
-        name: torch.zeros(s.sum_sq.shape, dtype=torch.float64) for name, s in stats.items()
-    }
+    stats = collect_stats(model, batch, gram=True)
+    reference = {name: 0.0 for name in stats}
 
     def hook_for(name):
         def hook(module, args):
-            reference[name].add_(args[0].double().reshape(-1, args[0].shape[-1]).square().sum(0))
+            x = args[0].double().reshape(-1, args[0].shape[-1])
+            reference[name] = reference[name] + x.t() @ x
 
         return hook
 
@@ -50,7 +61,9 @@ def test_block_looper_sees_what_the_full_model_sees(arch):
             model(window.unsqueeze(0))
     assert set(stats) == set(quantizable_linears(model))
     for name, value in stats.items():
-        torch.testing.assert_close(value.sum_sq, reference[name], rtol=1e-5, atol=1e-8)
+        scale = reference[name].abs().max().item()  # float32 products: error relative to it
+        torch.testing.assert_close(value.gram, reference[name], rtol=1e-4, atol=1e-6 * scale)
+        torch.testing.assert_close(value.sum_sq, reference[name].diagonal(), rtol=1e-5, atol=1e-6)
         assert value.tokens == 60
 
 

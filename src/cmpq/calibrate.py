@@ -11,7 +11,7 @@ with the quantized block, so later blocks are calibrated on what they will see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,8 @@ class ChannelStats:
     """Per input channel: sum of x², sum of |x|, max |x|, and the token count.
 
     float64 accumulators: 65k tokens of activations in the hundreds would lose
-    the small channels' contribution in float32.
+    the small channels' contribution in float32. Each update's own sums (one
+    batch, a few thousand tokens) are float32, exact to ~1e-7.
     """
 
     sum_sq: torch.Tensor
@@ -46,13 +47,29 @@ class ChannelStats:
             gram=torch.zeros(channels, channels, dtype=torch.float64) if gram else None,
         )
 
+    @classmethod
+    def of(cls, x: torch.Tensor, gram: bool = False) -> ChannelStats:
+        """The statistics of one batch ``x [..., channels]``."""
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        magnitude = flat.abs()
+        return cls(
+            magnitude.square().sum(dim=0).double(),
+            magnitude.sum(dim=0).double(),
+            magnitude.amax(dim=0),
+            tokens=flat.shape[0],
+            gram=token_gram(flat) if gram else None,
+        )
+
+    def add(self, other: ChannelStats) -> None:
+        self.sum_sq += other.sum_sq
+        self.sum_abs += other.sum_abs
+        self.max_abs = torch.maximum(self.max_abs, other.max_abs)
+        self.tokens += other.tokens
+        if self.gram is not None:
+            self.gram += other.gram
+
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        x64 = x.double()
-        self.sum_sq += x64.square().sum(dim=0)
-        self.sum_abs += x64.abs().sum(dim=0)
-        self.max_abs = torch.maximum(self.max_abs, x.abs().amax(dim=0).float())
-        self.tokens += x.shape[0]
+        self.add(ChannelStats.of(x, gram=self.gram is not None))
 
     def statistic(self, name: str) -> torch.Tensor:
         """The allocation statistic: L2 norm, mean |x| or max |x| per channel."""
@@ -125,17 +142,51 @@ def capture_block_inputs(model: nn.Module, batch: torch.Tensor) -> BlockInputs:
     return captured
 
 
+WINDOWS_PER_FORWARD = 8  # calibration windows run through a block at once (one batch)
+GRAM_CHUNK = 192  # input channels per tile of the Gram product (see token_gram)
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     output = block(hidden, **kwargs)
     return output[0] if isinstance(output, tuple) else output
 
 
-def window_gram(x: torch.Tensor) -> torch.Tensor:
-    """``sum_t x_t x_tᵀ`` over one window's tokens: float32 products, float64 result
-    (each window's 512-token sum is exact enough in float32; the float64
-    accumulator keeps the sum over windows)."""
+def window_batches(hidden: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The windows, :data:`WINDOWS_PER_FORWARD` at a time, as one batch each.
+
+    The windows share one length, so the keyword arguments recorded for one
+    window (masks, rotary tables) broadcast over a batch; on two cores a batch
+    of 8 runs a block's matrix products faster than 8 single windows.
+    """
+    for start in range(0, len(hidden), WINDOWS_PER_FORWARD):
+        yield torch.cat(hidden[start : start + WINDOWS_PER_FORWARD])
+
+
+def run_windows(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """``block``'s output for every window, batched by :func:`window_batches`."""
+    return [
+        output
+        for batch in window_batches(hidden)
+        for output in run_block(block, batch, kwargs).split(1)
+    ]
+
+
+def token_gram(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t x_t x_tᵀ`` over the tokens of ``x``: float32 products, float64 result
+    (a batch's few thousand tokens sum exactly enough in float32; the float64
+    accumulator keeps the sum over batches).
+
+    Only the tiles on and above the diagonal are multiplied, the rest mirrored:
+    at 1536 channels that is 44 % fewer multiply-adds than ``xᵀx`` in one product.
+    """
     flat = x.detach().reshape(-1, x.shape[-1]).float()
-    return (flat.t() @ flat).double()
+    channels = flat.shape[1]
+    gram = torch.empty(channels, channels)
+    for start in range(0, channels, GRAM_CHUNK):
+        stop = min(start + GRAM_CHUNK, channels)
+        gram[start:stop, start:] = flat[:, start:stop].t() @ flat[:, start:]
+        gram[stop:, start:stop] = gram[start:stop, stop:].t()
+    return gram.double()
 
 
 def measure_block(
@@ -144,20 +195,18 @@ def measure_block(
     """Run ``block`` on every window, returning its linears' stats and its outputs.
 
     With ``gram`` each linear also accumulates its input Gram matrix; linears fed
-    the same tensor (q/k/v, gate/up) share one product per window.
+    the same tensor (q/k/v, gate/up) share one batch's statistics and product.
     """
     linears = block_linears(block)
     stats = {name: ChannelStats.zeros(in_features(m), gram) for name, m in linears.items()}
-    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    batch_stats: dict[int, tuple[torch.Tensor, ChannelStats]] = {}
 
     def measurer(name: str):
         def hook(module, args):
             x = args[0]
-            stats[name].update(x)
-            if gram:
-                if id(x) not in products:  # x is held below, so its id is not reused
-                    products[id(x)] = (x, window_gram(x))
-                stats[name].gram += products[id(x)][1]
+            if id(x) not in batch_stats:  # x is held below, so its id is not reused
+                batch_stats[id(x)] = (x, ChannelStats.of(x, gram))
+            stats[name].add(batch_stats[id(x)][1])
 
         return hook
 
@@ -165,9 +214,9 @@ def measure_block(
     outputs = []
     try:
         with torch.inference_mode():
-            for h in hidden:
-                outputs.append(run_block(block, h, kwargs))
-                products.clear()
+            for batch in window_batches(hidden):
+                outputs.extend(run_block(block, batch, kwargs).split(1))
+                batch_stats.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -192,7 +241,7 @@ def for_each_block(
         process(index, block, stats)
         if sequential:
             with torch.inference_mode():
-                outputs = [run_block(block, h, kwargs) for h in hidden]
+                outputs = run_windows(block, hidden, kwargs)
         hidden = outputs
 
 

@@ -33,10 +33,8 @@ from .lutquant import (
     _fit_tables,
     activation_outliers,
     activation_scale,
-    dequantize_layer,
-    quantize_layer,
+    add_error_outliers,
     storage_order,
-    top_entries,
 )
 
 
@@ -93,13 +91,11 @@ def quantize_layer_feedback(
     group_bits, group_sizes, perm, offsets = storage_order(bits_per_channel)
     scale = activation_scale(energy)
     outliers = activation_outliers(weight, scale, act_outliers)
-    if q_outliers > 0:  # ranked by the error of a feedback-free fit, as quantize_layer does
-        first = quantize_layer(
-            weight, bits_per_channel, energy, layout=layout, act_outliers=act_outliers,
-            iters=iters, seed=seed,
-        )  # fmt: skip
-        error = weight - dequantize_layer(first)  # zero on the O_act entries, excluded anyway
-        outliers = outliers | top_entries(error.abs() * scale, q_outliers, outliers)
+    if q_outliers > 0:  # ranked by the error of a quick feedback-free fit (Lloyd only)
+        fit = (weight, energy, ~outliers, group_bits, offsets, perm, layout, iters, seed)
+        luts, codes = _fit_tables(*fit, refine=False)
+        fitted = (luts, codes, perm, offsets, layout)
+        outliers = add_error_outliers(weight, scale, outliers, fitted, q_outliers)
 
     if order == "act":  # GPTQ's act-order: the loudest input channels first
         visit = torch.argsort(gram.diagonal(), descending=True, stable=True)

@@ -70,6 +70,7 @@ def _group_table_fit(
     iters: int,
     seed: int,
     start: torch.Tensor | None = None,
+    refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one bit-group's tables; returns fp16 tables and codes for ``values [out, n]``.
 
@@ -79,7 +80,7 @@ def _group_table_fit(
     """
     if layout == "column":
         values, weights = values.t(), weights.t()
-    options = {"iters": iters, "seed": seed}
+    options = {"iters": iters, "seed": seed, "refine": refine}
     if start is not None:
         options.update(init=start.float(), refine=False)
     centroids, _ = weighted_kmeans_1d(values, weights, 2**bits, **options)
@@ -105,8 +106,12 @@ def _fit_tables(
     iters: int,
     seed: int,
     start: list[torch.Tensor] | None = None,
+    refine: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Tables and codes for every bit-group; entries with ``keep=False`` weigh nothing."""
+    """Tables and codes for every bit-group; entries with ``keep=False`` weigh nothing.
+
+    ``refine=False`` skips k-means' partition search (Lloyd only): a quicker, rougher fit.
+    """
     permuted = weight[:, perm]
     importance = energy[perm].float().unsqueeze(0) * keep[:, perm].float()
     if layout == "column":  # one activation scale per column: only the outlier mask matters
@@ -122,6 +127,7 @@ def _fit_tables(
             iters,
             seed,
             None if start is None else start[g],
+            refine,
         )
         luts.append(table)
         codes.append(code)
@@ -182,9 +188,8 @@ def quantize_layer(
     luts, codes = _fit_tables(*fit)
     outlier_mask = act_mask
     if q_outliers > 0:
-        first = _assemble(weight.shape, perm, offsets, codes, luts, layout)
-        error = (weight - first).abs() * scale
-        outlier_mask = act_mask | top_entries(error, q_outliers, act_mask)
+        fitted = (luts, codes, perm, offsets, layout)
+        outlier_mask = add_error_outliers(weight, scale, act_mask, fitted, q_outliers)
         luts, codes = _fit_tables(weight, energy, ~outlier_mask, *fit[3:], start=luts)
     rows, cols = outlier_mask.nonzero(as_tuple=True)
     return LUTLayer(
@@ -200,6 +205,16 @@ def quantize_layer(
         outlier_cols=cols,
         outlier_values=weight[rows, cols].half(),
     )
+
+
+def add_error_outliers(
+    weight: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, fitted: tuple, count: int
+) -> torch.Tensor:
+    """``mask`` plus the ``count`` entries outside it that the fit rounds worst, by
+    activation-weighted error; ``fitted`` is ``(luts, codes, perm, offsets, layout)``."""
+    luts, codes, perm, offsets, layout = fitted
+    error = (weight - _assemble(weight.shape, perm, offsets, codes, luts, layout)).abs()
+    return mask | top_entries(error * scale, count, mask)
 
 
 def _assemble(shape, perm, offsets, codes, luts, layout) -> torch.Tensor:
