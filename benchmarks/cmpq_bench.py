@@ -3,6 +3,7 @@
     python benchmarks/cmpq_bench.py --suite sweep      # fp, RTN 2/3/4 g64, CMPQ 2.0-4.5
     python benchmarks/cmpq_bench.py --suite ablations  # CMPQ variants at 2.2 and 3.0 bits
     python benchmarks/cmpq_bench.py --suite beyond     # paper/rd allocation x error feedback
+    python benchmarks/cmpq_bench.py --suite outliers   # the defaults with other outlier fractions
 
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
 benchmarks/results/<suite>-<model>-<layout>.{json,md,png}, updating them after
@@ -13,8 +14,8 @@ full-precision model, cached on disk, and reused by every non-sequential CMPQ
 row (non-sequential CMPQ uses exactly these statistics); a row's `seconds` is
 its quantization time without that shared calibration, whose time is in
 `calibration_seconds`. Sequential rows calibrate on their own, inside `seconds`.
-The sweep evaluates WikiText-2 and C4; the ablations and "beyond" WikiText-2
-only ("beyond" caches statistics with each layer's XᵀX, for error feedback).
+The sweep evaluates WikiText-2 and C4; the other suites WikiText-2 only
+("beyond" and "outliers" cache statistics with each layer's XᵀX, for error feedback).
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ BEYOND = [
     for bits in (3.0, 2.2, 2.5, 4.0)
     for name, fields in BEYOND_VARIANTS.items()
     if (name in LATE) == late
+]
+
+DEFAULTS = {"allocation": "rd-layer", "error_feedback": True}  # cmpq's defaults (not the paper's)
+OUTLIER_VARIANTS = {  # the defaults with other outlier fractions (O_act, O_q)
+    "defaults (O_act 0.05 % + O_q 0.4 %)": {},
+    "no outliers": {"outliers_act": 0.0, "outliers_q": 0.0},
+    "O_act 0.05 % only": {"outliers_q": 0.0},
+    "O_act 0.05 % + O_q 0.1 %": {"outliers_q": 0.001},
+    "O_act 0.05 % + O_q 1 %": {"outliers_q": 0.01},
+}
+OUTLIERS = [
+    (f"{bits} bits: {name}", {"bits": bits, **DEFAULTS, **fields})
+    for bits in (4.23, 2.5)
+    for name, fields in OUTLIER_VARIANTS.items()
 ]
 
 
@@ -210,7 +225,9 @@ def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=["sweep", "ablations", "beyond"], default="sweep")
+    parser.add_argument(
+        "--suite", choices=["sweep", "ablations", "beyond", "outliers"], default="sweep"
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--layout", default=CMPQConfig.layout, help="look-up-table layout of the CMPQ rows"
@@ -237,6 +254,7 @@ def main() -> None:
         "sweep": (SWEEP, DATASETS),
         "ablations": (ABLATIONS, DATASETS[:1]),
         "beyond": (BEYOND, DATASETS[:1]),
+        "outliers": (OUTLIERS, DATASETS[:1]),
     }[args.suite]
     saved_path = RESULTS / f"{name}.json"
     rows: list[dict] = []
@@ -258,7 +276,7 @@ def main() -> None:
         }
         rows += evaluate_rows(model, tokenizer, base, args, datasets)
         write_outputs(rows, name, command, sort=args.suite == "sweep")
-    gram = args.suite == "beyond"  # error feedback needs each layer's XᵀX
+    gram = args.suite in ("beyond", "outliers")  # error feedback needs each layer's XᵀX
     stats, calibration_seconds = calibration_stats(model, tokenizer, args.model, gram)
     print(f"calibration: {calibration_seconds:.0f} s", flush=True)
 

@@ -85,7 +85,13 @@ def gptq(model, setting: dict, context: PeerContext) -> PeerResult:
         true_sequential=False,
         offload_to_disk=False,
     )
-    quantizer = GPTQModel.load(str(fp_checkpoint(context.model_spec)), config, device="cpu")
+    # float32: on the CPU gptqmodel defaults to bfloat16, which this machine (AVX2, no
+    # bf16 instructions) runs in software; its forwards took ~60 s a block for smollm2
+    # (33 min a setting; docs/decisions.md). float32 activations are also the more
+    # accurate ones, so if anything the choice favours GPTQ.
+    quantizer = GPTQModel.load(
+        str(fp_checkpoint(context.model_spec)), config, device="cpu", dtype=torch.float32
+    )
     quantizer.quantize(calibration, batch_size=1)
     saved = context.workdir / "gptq"
     quantizer.save(str(saved))
