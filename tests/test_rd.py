@@ -8,7 +8,7 @@ from cmpq.errors import CmpqError
 from cmpq.lutquant import column_distortions, dequantize_layer, quantize_layer
 from cmpq.models import quantizable_linears
 from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
+from cmpq.quantize import parallel_map, quantize
 from conftest import make_tiny_model
 
 
@@ -90,3 +90,35 @@ def test_rd_layer_quantizes_a_model_within_budget():
     config = CMPQConfig(bits=4.0, allocation="rd-layer", layout="column", kmeans_iters=5)
     report = quantize(model, config, stats=stats)
     assert 3.9 <= report.effective_bits <= 4.0
+
+
+def test_parallel_map_keeps_the_order_of_its_items():
+    calls = []
+
+    def double(x: int) -> int:
+        calls.append(torch.get_num_threads())
+        return 2 * x
+
+    assert parallel_map(double, [3, 1, 2], cost=lambda x: x, workers=2) == [6, 2, 4]
+    assert parallel_map(double, [], workers=2) == []
+    assert calls == [1, 1, 1]  # every item runs with one torch thread
+
+
+def test_linears_quantized_side_by_side_equal_one_at_a_time():
+    batch = torch.randint(0, 300, (3, 20))
+    stats = collect_stats(make_tiny_model("qwen2"), batch, gram=True)
+    restored, previous = {}, torch.get_num_threads()
+    try:
+        for threads in (1, 2):  # parallel_map runs one worker per torch thread
+            torch.set_num_threads(threads)
+            model = make_tiny_model("qwen2")
+            quantize(model, CMPQConfig(bits=3.0, kmeans_iters=5), stats=stats, progress=False)
+            restored[threads] = {
+                n: m.dequantized_weight()
+                for n, m in model.named_modules()
+                if isinstance(m, QuantizedLinear)
+            }
+    finally:
+        torch.set_num_threads(previous)
+    assert len(restored[1]) == len(quantizable_linears(make_tiny_model("qwen2")))
+    assert all(torch.equal(restored[1][n], restored[2][n]) for n in restored[1])

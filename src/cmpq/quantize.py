@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -128,42 +130,48 @@ def quantize_cmpq(
     act_fraction = min(config.outliers_act, final_fraction)
     prefix, _ = decoder_blocks(model)
 
+    def quantize_linear(index: int, name: str, module: nn.Module, stats: ChannelStats):
+        weight = weight_matrix(module)
+        out_features, in_features = weight.shape
+        if plan is not None:
+            bits = plan.widths[f"{prefix}.{index}.{name}"]
+        else:
+            statistic = stats.statistic(config.statistic)
+            bits = paper_allocation(statistic, budget.code_bits, config.mixed)
+        total = outlier_count(out_features, in_features, final_fraction)
+        act = min(outlier_count(out_features, in_features, act_fraction), total)
+        options = {
+            "layout": config.layout,
+            "act_outliers": act,
+            "q_outliers": total - act,
+            "iters": config.kmeans_iters,
+            "seed": config.seed,
+        }
+        energy = stats.energy()
+        if not config.error_feedback:
+            return quantize_layer(weight, bits, energy, **options)
+        if stats.gram is None:
+            raise CmpqError(
+                "error feedback needs statistics collected with gram=True "
+                "(cmpq.calibrate.collect_stats(..., gram=True))"
+            )
+        return quantize_layer_feedback(
+            weight, bits, energy, stats.gram, damp=config.damp, **options
+        )
+
     def process(index: int, block: nn.Module, block_stats: dict[str, ChannelStats]) -> None:
-        for name, module in block_linears(block).items():
-            weight = weight_matrix(module)
-            out_features, in_features = weight.shape
-            full_name = f"{prefix}.{index}.{name}"
+        linears = list(block_linears(block).items())
+        layers = parallel_map(
+            lambda item: quantize_linear(index, *item, block_stats[item[0]]),
+            linears,
+            cost=lambda item: weight_matrix(item[1]).numel(),
+        )
+        for (name, module), layer in zip(linears, layers, strict=True):
             statistic = block_stats[name].statistic(config.statistic)
-            report.channel_statistics[full_name] = statistic.float()
-            if plan is not None:
-                bits = plan.widths[full_name]
-            else:
-                bits = paper_allocation(statistic, budget.code_bits, config.mixed)
-            total = outlier_count(out_features, in_features, final_fraction)
-            act = min(outlier_count(out_features, in_features, act_fraction), total)
-            options = {
-                "layout": config.layout,
-                "act_outliers": act,
-                "q_outliers": total - act,
-                "iters": config.kmeans_iters,
-                "seed": config.seed,
-            }
-            energy = block_stats[name].energy()
-            if config.error_feedback:
-                gram = block_stats[name].gram
-                if gram is None:
-                    raise CmpqError(
-                        "error feedback needs statistics collected with gram=True "
-                        "(cmpq.calibrate.collect_stats(..., gram=True))"
-                    )
-                layer = quantize_layer_feedback(
-                    weight, bits, energy, gram, damp=config.damp, **options
-                )
-            else:
-                layer = quantize_layer(weight, bits, energy, **options)
+            report.channel_statistics[f"{prefix}.{index}.{name}"] = statistic.float()
             quantized = QuantizedLinear.from_layer(layer, module.bias)
             replace_module(block, name, quantized)
-            report.add_layer(weight.numel(), stored_bits(quantized.stored_tensors()))
+            report.add_layer(module.weight.numel(), stored_bits(quantized.stored_tensors()))
 
     if stats is None:
         for_each_block(
@@ -191,6 +199,37 @@ def round_unquantized_to_fp16(model: nn.Module) -> None:
                 parameter.copy_(parameter.half().float())
 
 
+def parallel_map(
+    function: Callable, items: Sequence, cost: Callable | None = None, workers: int | None = None
+) -> list:
+    """``[function(item) for item in items]`` on ``workers`` threads (default: torch's
+    thread count), each running torch with one thread.
+
+    The per-linear work (1-D k-means, column-by-column feedback) is many small
+    tensor operations, which one thread per operation runs best; torch releases
+    the GIL inside them, so whole linears run side by side instead. With ``cost``
+    the most costly items start first. The results are those of a serial run
+    with one torch thread, whatever the number of workers.
+    """
+    workers = torch.get_num_threads() if workers is None else workers
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else range(len(items))
+    previous = torch.get_num_threads()
+
+    def run(i: int):
+        torch.set_num_threads(1)  # per thread under OpenMP: set where the work runs
+        return function(items[i])
+
+    try:
+        if workers <= 1 or len(items) <= 1:
+            results = dict(zip(order, map(run, order), strict=True))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = dict(zip(order, pool.map(run, order), strict=True))
+    finally:
+        torch.set_num_threads(previous)
+    return [results[i] for i in range(len(items))]
+
+
 def rd_distortions(
     linears: dict[str, nn.Module], stats: dict[str, ChannelStats], config: CMPQConfig, progress
 ) -> dict[str, torch.Tensor]:
@@ -199,9 +238,9 @@ def rd_distortions(
     The O_act outliers the layer will keep are left out of the fits, as they
     will be at quantization time.
     """
-    distortions = {}
-    for name, module in tqdm(linears.items(), desc="rd", unit="linear", disable=not progress):
-        weight = weight_matrix(module).float()
+
+    def distortion_of(name: str) -> torch.Tensor:
+        weight = weight_matrix(linears[name]).float()
         energy = stats[name].energy()
         act = outlier_count(*weight.shape, config.outliers_act)
         keep = ~activation_outliers(weight, activation_scale(energy), act)
@@ -209,8 +248,20 @@ def rd_distortions(
         # relative to the layer's output energy, so a layer with loud activations does not
         # outbid the rest (summed as absolute output MSE, rd measured 4x worse than paper)
         output_energy = (energy.double() * weight.double().square().sum(0)).sum()
-        distortions[name] = distortion / output_energy.clamp_min(1e-30)
-    return distortions
+        return distortion / output_energy.clamp_min(1e-30)
+
+    names = list(linears)
+    with tqdm(total=len(names), desc="rd", unit="linear", disable=not progress) as bar:
+
+        def measured(name: str) -> torch.Tensor:
+            distortion = distortion_of(name)
+            bar.update()
+            return distortion
+
+        def size(name: str) -> int:
+            return weight_matrix(linears[name]).numel()
+
+        return dict(zip(names, parallel_map(measured, names, size), strict=True))
 
 
 def quantize(
