@@ -103,6 +103,21 @@ def series_of(model: str, key: str) -> str:
 # --- one setting, in a child process -----------------------------------------------
 
 
+def source_commit() -> str:
+    """The commit of the checkout the row's code came from (+ "-dirty" with local edits)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(root), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "src")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
     import torch
 
@@ -137,7 +152,8 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
         report = quantize(model, config, tokenizer=tokenizer, progress=False, stats=stats)
         row.update(bits=report.effective_bits, peer_version=f"cmpq {version('cmpq')}",
                    bits_source="stored tensors (cmpq's report)",
-                   bits_breakdown=report.as_dict()["bits_breakdown"])  # fmt: skip
+                   bits_breakdown=report.as_dict()["bits_breakdown"],
+                   commit=source_commit())  # fmt: skip
     else:
         from peers import ADAPTERS, PeerContext
 
