@@ -130,13 +130,14 @@ def quantize_cmpq(
     act_fraction = min(config.outliers_act, final_fraction)
     prefix, _ = decoder_blocks(model)
 
-    def quantize_linear(index: int, name: str, module: nn.Module, stats: ChannelStats):
+    def quantize_linear(
+        full_name: str, module: nn.Module, stats: ChannelStats, statistic: torch.Tensor
+    ):
         weight = weight_matrix(module)
         out_features, in_features = weight.shape
         if plan is not None:
-            bits = plan.widths[f"{prefix}.{index}.{name}"]
+            bits = plan.widths[full_name]
         else:
-            statistic = stats.statistic(config.statistic)
             bits = paper_allocation(statistic, budget.code_bits, config.mixed)
         total = outlier_count(out_features, in_features, final_fraction)
         act = min(outlier_count(out_features, in_features, act_fraction), total)
@@ -161,14 +162,16 @@ def quantize_cmpq(
 
     def process(index: int, block: nn.Module, block_stats: dict[str, ChannelStats]) -> None:
         linears = list(block_linears(block).items())
+        statistics = {name: block_stats[name].statistic(config.statistic) for name, _ in linears}
         layers = parallel_map(
-            lambda item: quantize_linear(index, *item, block_stats[item[0]]),
+            lambda item: quantize_linear(
+                f"{prefix}.{index}.{item[0]}", item[1], block_stats[item[0]], statistics[item[0]]
+            ),
             linears,
             cost=lambda item: weight_matrix(item[1]).numel(),
         )
         for (name, module), layer in zip(linears, layers, strict=True):
-            statistic = block_stats[name].statistic(config.statistic)
-            report.channel_statistics[f"{prefix}.{index}.{name}"] = statistic.float()
+            report.channel_statistics[f"{prefix}.{index}.{name}"] = statistics[name].float()
             quantized = QuantizedLinear.from_layer(layer, module.bias)
             replace_module(block, name, quantized)
             report.add_layer(module.weight.numel(), stored_bits(quantized.stored_tensors()))
