@@ -77,8 +77,7 @@ def gptq(model, setting: dict, context: PeerContext) -> PeerResult:
         for row in context.calibration
     ]
     # true_sequential=False: one calibration forward per block, as in the GPTQ paper
-    # (gptqmodel's default runs one per sub-module group, 4-5 per block). Either way a
-    # setting takes ~33 minutes for smollm2-135m on 2 cores (docs/decisions.md).
+    # (gptqmodel's default runs one per sub-module group, 4-5 per block).
     config = QuantizeConfig(
         bits=setting["bits"],
         group_size=setting["group"],
@@ -86,8 +85,8 @@ def gptq(model, setting: dict, context: PeerContext) -> PeerResult:
         offload_to_disk=False,
     )
     # float32: on the CPU gptqmodel defaults to bfloat16, which this machine (AVX2, no
-    # bf16 instructions) runs in software; its forwards took ~60 s a block for smollm2
-    # (33 min a setting; docs/decisions.md). float32 activations are also the more
+    # bf16 instructions) runs in software: 33 min a setting for smollm2-135m, against
+    # ~11 min in float32 (docs/decisions.md). float32 activations are also the more
     # accurate ones, so if anything the choice favours GPTQ.
     quantizer = GPTQModel.load(
         str(fp_checkpoint(context.model_spec)), config, device="cpu", dtype=torch.float32
