@@ -119,6 +119,11 @@ def evaluate_rows(model, tokenizer, base: dict, args, datasets) -> list[dict]:
     return rows
 
 
+def ppl_cell(row: dict, dataset: str) -> str:
+    """A table cell: the perplexity on `dataset`, or "—" where the suite did not measure it."""
+    return f"{row[dataset]:.2f}" if dataset in row else "—"
+
+
 def write_outputs(rows: list[dict], name: str, command: str, sort: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
@@ -138,7 +143,7 @@ def write_outputs(rows: list[dict], name: str, command: str, sort: bool) -> None
     for row in ordered:
         lines.append(
             f"| {row['method']} | {row['setting']} | {row['bits']:.3f} | "
-            f"{row.get('wikitext2', float('nan')):.2f} | {row.get('c4', float('nan')):.2f} | "
+            f"{ppl_cell(row, 'wikitext2')} | {ppl_cell(row, 'c4')} | "
             f"{row['seconds']:.0f} | {row['peak_rss_bytes'] / 1e9:.2f} |"
         )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
