@@ -42,7 +42,7 @@ class Setting:
 
 
 # cmpq's defaults again at the total bits llama.cpp's mixes measured on each model
-# (Q2_K, Q3_K_M; IQ3_XXS on gemma3), so the closest peers are compared at equal bits
+# (IQ3_XXS, Q2_K, Q3_K_M), so the closest peers are compared at equal bits
 MATCHED_BITS = {"smollm2-135m": (4.14, 4.23, 4.63), "gemma3-270m": (4.07, 4.15, 4.54)}
 
 
