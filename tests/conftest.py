@@ -85,7 +85,7 @@ def quantize_tiny(arch: str = "qwen2"):
     """A tiny model CMPQ-quantized at 3.3 bits (two bit-groups per layer, outliers):
     the same model, data, options and seed on every call. Returns ``(model, report)``."""
     from cmpq.config import CMPQConfig
-    from cmpq.quantize import quantize
+    from cmpq.quant.pipeline import quantize
 
     model = make_tiny_model(arch)
     batch = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))

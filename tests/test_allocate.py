@@ -1,15 +1,10 @@
 import pytest
 import torch
 
-from cmpq.allocate import (
-    LayerShape,
-    groups_of,
-    layer_cost,
-    model_cost,
-    paper_allocation,
-    paper_groups,
-    solve_budget,
-)
+from cmpq.alloc.budget import model_cost, solve_budget
+from cmpq.alloc.paper import paper_allocation, paper_groups
+from cmpq.format.cost import LayerShape, layer_cost
+from cmpq.format.layer import groups_of
 
 
 def test_paper_rule_gives_the_top_channels_one_more_bit():
@@ -64,7 +59,7 @@ def test_impossible_budget_is_an_error():
 def test_lagrangian_widths_match_brute_force_on_convex_channels():
     import itertools
 
-    from cmpq.allocate import lagrangian_widths
+    from cmpq.alloc.rd import lagrangian_widths
 
     generator = torch.Generator().manual_seed(1)
     cost = torch.tensor([[1.0, 2.0, 3.0, 4.0]]).expand(5, -1).double()
@@ -94,7 +89,7 @@ def test_lagrangian_widths_match_brute_force_on_convex_channels():
 
 
 def test_rd_plan_lands_under_the_target_and_favours_costly_channels():
-    from cmpq.allocate import RD_WIDTHS, rd_plan
+    from cmpq.alloc.rd import RD_WIDTHS, rd_plan
 
     shapes = {"a": LayerShape(256, 128), "b": LayerShape(192, 128)}
     generator = torch.Generator().manual_seed(0)

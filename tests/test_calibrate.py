@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from cmpq import calibrate
-from cmpq.calibrate import ChannelStats, collect_stats, token_gram
+from cmpq.calib import looper
+from cmpq.calib.looper import collect_stats
+from cmpq.calib.stats import ChannelStats, token_gram
 from cmpq.config import PAPER_METHOD, CMPQConfig
-from cmpq.models import quantizable_linears
-from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
+from cmpq.models.graph import quantizable_linears
+from cmpq.quant.pipeline import quantize
+from cmpq.runtime.qlinear import QuantizedLinear
 from conftest import ARCHITECTURES, make_tiny_model
 
 
@@ -41,7 +42,7 @@ def test_token_gram_is_the_full_product():
 def test_block_looper_sees_what_the_full_model_sees(arch, monkeypatch):
     """Statistics from the block-by-block run, two windows per batch, equal hooks
     on a full forward of one window at a time."""
-    monkeypatch.setattr(calibrate, "WINDOWS_PER_FORWARD", 2)  # batches of 2 and 1
+    monkeypatch.setattr(looper, "WINDOWS_PER_FORWARD", 2)  # batches of 2 and 1
     model = make_tiny_model(arch)
     batch = torch.randint(0, 300, (3, 20))  # longer than Gemma 3's sliding window of 16
     stats = collect_stats(model, batch, gram=True)

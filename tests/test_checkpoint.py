@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from cmpq.checkpoint import load_quantized, read_description, save_quantized, write_description
 from cmpq.errors import CmpqError
-from cmpq.qlinear import QuantizedLinear
+from cmpq.format.description import read_description, write_description
+from cmpq.runtime.checkpoint import load_quantized, save_quantized
+from cmpq.runtime.qlinear import QuantizedLinear
 from conftest import quantize_tiny
 
 

@@ -23,15 +23,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmpq.checkpoint import (
-    WEIGHTS_FILE,
-    load_quantized,
-    read_description,
-    save_quantized,
-    write_description,
-)
 from cmpq.errors import CmpqError
-from cmpq.qlinear import STORED_NAMES
+from cmpq.format.description import read_description, write_description
+from cmpq.format.spec import STORED_NAMES, WEIGHTS_FILE
+from cmpq.runtime.checkpoint import load_quantized, save_quantized
 from conftest import quantize_tiny
 
 SAME = "same"  # refused, or loads exactly the original model

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from cmpq.checkpoint import FORMAT_VERSION, read_description
 from cmpq.cli import main
+from cmpq.format.description import read_description
+from cmpq.format.spec import FORMAT_VERSION
 
 
 def run_cli(capsys, *argv):
@@ -174,8 +175,9 @@ def test_cmpq_quantize_writes_a_packed_model_that_evaluates(
 
 
 def test_max_size_fills_the_byte_budget(capsys, tmp_path, tiny_checkpoint, text_file):
-    from cmpq.models import load_model, quantizable_linears
-    from cmpq.sizing import header_bytes, unquantized_bytes
+    from cmpq.alloc.size import header_bytes, unquantized_bytes
+    from cmpq.api import load_model
+    from cmpq.models.graph import quantizable_linears
 
     model, _ = load_model(str(tiny_checkpoint))
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from cmpq.data import (
+from cmpq.calib.text import (
     cut_windows,
     load_documents,
     load_text,

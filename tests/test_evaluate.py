@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cmpq.evaluate import perplexity, windows_nll
+from cmpq.eval.perplexity import perplexity, windows_nll
 from conftest import make_tiny_model
 
 

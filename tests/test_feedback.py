@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-from cmpq.allocate import paper_allocation
-from cmpq.calibrate import collect_stats
+from cmpq.alloc.paper import paper_allocation
+from cmpq.calib.looper import collect_stats
 from cmpq.config import CMPQConfig
 from cmpq.errors import CmpqError
-from cmpq.feedback import inverse_hessian_factor, quantize_layer_feedback
-from cmpq.lutquant import dequantize_layer, from_tensors, quantize_layer, to_tensors
-from cmpq.models import quantizable_linears
-from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
+from cmpq.format.layer import dequantize_layer, from_tensors, to_tensors
+from cmpq.models.graph import quantizable_linears
+from cmpq.quant.feedback import inverse_hessian_factor, quantize_layer_feedback
+from cmpq.quant.pipeline import quantize
+from cmpq.quant.tables import quantize_layer
+from cmpq.runtime.qlinear import QuantizedLinear
 from conftest import make_tiny_model
 
 
@@ -36,7 +37,9 @@ def _output_error(weight, restored, gram):
 def test_inverse_hessian_factor_is_the_cholesky_of_the_damped_inverse():
     _, gram, _ = _layer_problem()
     gram[5, :] = gram[:, 5] = 0  # a channel that never activates
-    factor = inverse_hessian_factor(gram, damp=0.01).double()
+    factor, used = inverse_hessian_factor(gram, damp=0.01)
+    factor = factor.double()
+    assert used == 0.01
     damped = gram.clone()
     damped[5, 5] = 1.0
     damped.diagonal().add_(0.01 * damped.diagonal().mean())

@@ -8,7 +8,7 @@ import torch
 
 from cmpq.cli import main
 from cmpq.errors import CmpqError
-from cmpq.generation import generate, prompt_ids
+from cmpq.eval.generation import generate, prompt_ids
 from conftest import make_tiny_model
 
 PROMPT = "The quick brown fox"

@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cmpq
-from cmpq.checkpoint import FORMAT_VERSION, save_quantized
 from cmpq.config import CMPQConfig
-from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
+from cmpq.format.spec import FORMAT_VERSION
+from cmpq.quant.pipeline import quantize
+from cmpq.runtime.checkpoint import save_quantized
+from cmpq.runtime.qlinear import QuantizedLinear
 from conftest import make_tiny_model
 
 PROMPT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])

@@ -10,17 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmpq.checkpoint import (
-    STATS_FILE,
-    WEIGHTS_FILE,
-    load_quantized,
-    read_description,
-    save_quantized,
-    write_description,
-)
 from cmpq.cli import main
 from cmpq.config import PAPER_METHOD, CMPQConfig, RTNConfig
 from cmpq.errors import CmpqError
+from cmpq.format.description import read_description, write_description
+from cmpq.format.spec import STATS_FILE, WEIGHTS_FILE
 from cmpq.inspection import (
     HEATMAP_FILE,
     as_dict,
@@ -32,8 +26,9 @@ from cmpq.inspection import (
     relative_profile,
     totals,
 )
-from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import quantize
+from cmpq.quant.pipeline import quantize
+from cmpq.runtime.checkpoint import load_quantized, save_quantized
+from cmpq.runtime.qlinear import QuantizedLinear
 from conftest import make_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmpq.kmeans import nearest_centroid, weighted_kmeans_1d, weighted_sse
+from cmpq.quant.kmeans import nearest_centroid, weighted_kmeans_1d, weighted_sse
 
 
 def _dp_optimum(v: np.ndarray, w: np.ndarray, k: int) -> float:

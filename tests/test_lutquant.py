@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from cmpq.allocate import LayerShape, groups_of, layer_cost, paper_allocation
-from cmpq.lutquant import dequantize_layer, from_tensors, quantize_layer, stored_bits, to_tensors
-from cmpq.qlinear import QuantizedLinear
+from cmpq.alloc.paper import paper_allocation
+from cmpq.format.cost import LayerShape, layer_cost, stored_bits
+from cmpq.format.layer import dequantize_layer, from_tensors, groups_of, to_tensors
+from cmpq.quant.tables import quantize_layer
+from cmpq.runtime.qlinear import QuantizedLinear
 
 
 def _problem(out=48, inp=40, seed=0):

@@ -1,16 +1,11 @@
 import pytest
 import torch
 
+from cmpq.api import load_model
 from cmpq.errors import CmpqError
-from cmpq.models import (
-    ALIASES,
-    decoder_blocks,
-    load_model,
-    needs_bos,
-    quantizable_linears,
-    set_weight_matrix,
-    weight_matrix,
-)
+from cmpq.models.conventions import needs_bos
+from cmpq.models.graph import decoder_blocks, quantizable_linears, set_weight_matrix, weight_matrix
+from cmpq.models.sources import ALIASES
 from conftest import EXPECTED_LINEARS_PER_BLOCK, HIDDEN, make_tiny_model
 
 

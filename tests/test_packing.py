@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmpq.packing import pack_codes, pack_groups, packed_nbytes, unpack_codes, unpack_groups
+from cmpq.format.packing import pack_codes, pack_groups, packed_nbytes, unpack_codes, unpack_groups
 
 
 def _reference_pack(codes: list[int], bits: int) -> list[int]:

@@ -1,14 +1,16 @@
 import pytest
 import torch
 
-from cmpq.allocate import RD_WIDTHS
-from cmpq.calibrate import collect_stats
+from cmpq.alloc.rd import RD_WIDTHS
+from cmpq.calib.looper import collect_stats
 from cmpq.config import CMPQConfig
 from cmpq.errors import CmpqError
-from cmpq.lutquant import column_distortions, dequantize_layer, quantize_layer
-from cmpq.models import quantizable_linears
-from cmpq.qlinear import QuantizedLinear
-from cmpq.quantize import parallel_map, quantize
+from cmpq.format.layer import dequantize_layer
+from cmpq.models.graph import quantizable_linears
+from cmpq.quant.executor import ThreadExecutor
+from cmpq.quant.pipeline import quantize
+from cmpq.quant.tables import column_distortions, quantize_layer
+from cmpq.runtime.qlinear import QuantizedLinear
 from conftest import make_tiny_model
 
 
@@ -43,8 +45,8 @@ def test_rd_allocation_quantizes_a_model_within_budget():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"layout": "row"}, "use --layout column"),
-        ({"sequential": True}, "--allocation paper to calibrate sequentially"),
+        ({"layout": "row"}, "use `layout` column"),
+        ({"sequential": True}, "use `allocation` paper with `sequential`"),
     ],
 )
 def test_rd_allocation_refuses_what_it_cannot_do(options, message):
@@ -53,13 +55,10 @@ def test_rd_allocation_refuses_what_it_cannot_do(options, message):
 
 
 def test_rd_layer_keeps_each_layer_within_its_paper_budget():
-    from cmpq.allocate import (
-        LayerShape,
-        column_width_costs,
-        paper_code_budgets,
-        rd_plan,
-        solve_budget,
-    )
+    from cmpq.alloc.budget import solve_budget
+    from cmpq.alloc.paper import paper_code_budgets
+    from cmpq.alloc.rd import column_width_costs, rd_plan
+    from cmpq.format.cost import LayerShape
 
     generator = torch.Generator().manual_seed(1)
     shapes = {"a": LayerShape(512, 48), "b": LayerShape(768, 64)}
@@ -92,15 +91,15 @@ def test_rd_layer_quantizes_a_model_within_budget():
     assert 3.9 <= report.effective_bits <= 4.0
 
 
-def test_parallel_map_keeps_the_order_of_its_items():
+def test_thread_executor_keeps_the_order_of_its_items():
     calls = []
 
     def double(x: int) -> int:
         calls.append(torch.get_num_threads())
         return 2 * x
 
-    assert parallel_map(double, [3, 1, 2], cost=lambda x: x, workers=2) == [6, 2, 4]
-    assert parallel_map(double, [], workers=2) == []
+    assert ThreadExecutor(workers=2).map(double, [3, 1, 2], cost=lambda x: x) == [6, 2, 4]
+    assert ThreadExecutor(workers=2).map(double, []) == []
     assert calls == [1, 1, 1]  # every item runs with one torch thread
 
 
@@ -109,7 +108,7 @@ def test_linears_quantized_side_by_side_equal_one_at_a_time():
     stats = collect_stats(make_tiny_model("qwen2"), batch, gram=True)
     restored, previous = {}, torch.get_num_threads()
     try:
-        for threads in (1, 2):  # parallel_map runs one worker per torch thread
+        for threads in (1, 2):  # ThreadExecutor runs one worker per torch thread
             torch.set_num_threads(threads)
             model = make_tiny_model("qwen2")
             quantize(model, CMPQConfig(bits=3.0, kmeans_iters=5), stats=stats, progress=False)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cmpq.evaluate import perplexity
-from cmpq.models import load_model
+from cmpq.api import load_model
+from cmpq.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.real
 

@@ -3,9 +3,9 @@ import torch
 
 from cmpq.config import RTNConfig
 from cmpq.errors import CmpqError
-from cmpq.models import quantizable_linears, weight_matrix
-from cmpq.quantize import quantize
-from cmpq.rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
+from cmpq.models.graph import quantizable_linears, weight_matrix
+from cmpq.quant.pipeline import quantize
+from cmpq.quant.rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 from conftest import make_tiny_model
 
 

@@ -3,8 +3,9 @@
 import json
 import struct
 
-from cmpq.checkpoint import WEIGHTS_FILE, save_quantized
-from cmpq.sizing import header_bytes
+from cmpq.alloc.size import header_bytes
+from cmpq.format.spec import WEIGHTS_FILE
+from cmpq.runtime.checkpoint import save_quantized
 from conftest import make_tiny_model, quantize_tiny
 
 

@@ -7,17 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from cmpq.allocate import paper_allocation
+from cmpq.alloc.paper import paper_allocation
 from cmpq.errors import CmpqError
-from cmpq.lutquant import quantize_layer, stored_bits, to_tensors
-from cmpq.report import QuantizationReport
-from cmpq.validate import (
-    check_description,
+from cmpq.format.cost import stored_bits
+from cmpq.format.description import check_description
+from cmpq.format.layer import to_tensors
+from cmpq.format.validate import (
+    LinearTarget,
     check_layer_tensors,
     check_target,
     check_totals,
     check_unquantized,
 )
+from cmpq.quant.report import QuantizationReport
+from cmpq.quant.tables import quantize_layer
 
 NAME = "model.layers.0.mlp.up_proj"
 OUT, IN = 12, 20
@@ -328,24 +331,30 @@ def test_totals_count_what_is_stored_not_what_is_declared():
 
 def test_target_must_be_a_linear_of_the_listed_shape_and_bias():
     entry = {"out_features": OUT, "in_features": IN, "layout": "column", "bias": True}
-    check_target(NAME, entry, nn.Linear(IN, OUT))
+    check_target(NAME, entry, LinearTarget(OUT, IN, bias=True))
     with pytest.raises(CmpqError, match="not a linear layer of the model"):
         check_target(NAME, entry, None)
-    with pytest.raises(CmpqError, match="not a linear layer of the model"):
-        check_target(NAME, entry, nn.LayerNorm(IN))
     with pytest.raises(
         CmpqError, match=f"the description lists {OUT}x{IN} but the model's layer is"
     ):
-        check_target(NAME, entry, nn.Linear(OUT, IN))
+        check_target(NAME, entry, LinearTarget(IN, OUT, bias=True))
     with pytest.raises(CmpqError, match="lists bias true but the model's layer has no bias"):
-        check_target(NAME, entry, nn.Linear(IN, OUT, bias=False))
+        check_target(NAME, entry, LinearTarget(OUT, IN, bias=False))
 
 
-def test_target_accepts_gpt2_conv1d():
+def test_targets_are_the_models_linears_as_out_by_in():
     from transformers.pytorch_utils import Conv1D
 
-    entry = {"out_features": OUT, "in_features": IN, "layout": "column", "bias": True}
-    check_target(NAME, entry, Conv1D(OUT, IN))  # stores [in, out]
+    from cmpq.runtime.hf import linear_targets
+
+    model = nn.ModuleDict(
+        {"fc": nn.Linear(IN, OUT, bias=False), "conv": Conv1D(OUT, IN), "norm": nn.LayerNorm(IN)}
+    )
+    targets = linear_targets(model)
+    assert targets == {
+        "fc": LinearTarget(OUT, IN, bias=False),
+        "conv": LinearTarget(OUT, IN, bias=True),  # GPT-2's Conv1D stores [in, out]
+    }
 
 
 # --- everything else in the weights file -------------------------------------------

@@ -1,7 +1,11 @@
 """The ``cmpq`` command line: a thin layer over the public API.
 
-User mistakes surface as one ``error: ...`` line on stderr and exit code 2;
-options are checked before any model is loaded, so mistakes fail fast.
+The quantization options are generated from the config dataclasses
+(:mod:`cmpq.config`: each field's type, default, choices and help), so an
+option is declared once. User mistakes surface as one ``error: ...`` line on
+stderr and exit code 2, in the CLI's own words: the parameters a library
+message names (`` `bits` ``) are printed as their flags (``--bits``). Options
+are checked before any model is loaded, so mistakes fail fast.
 """
 
 from __future__ import annotations
@@ -9,36 +13,148 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
+import time
+import warnings
 from functools import partial
 from pathlib import Path
 
 from . import __version__
-from .allocate import ALLOCATIONS, LAYOUTS
-from .calibrate import STATISTICS
-from .checkpoint import WEIGHTS_FILE, check_output_dir, save_quantized
+from .alloc.size import bits_for_size, estimated_packed_bytes, parse_size
+from .api import generate, load_model, perplexity, quantize, save_quantized
+from .calib.text import BUILTIN_DATASETS, load_documents
 from .config import CMPQConfig, RTNConfig
-from .data import BUILTIN_DATASETS, load_documents
-from .errors import CmpqError
-from .evaluate import perplexity
-from .generation import check_generation_options, generate
+from .errors import CmpqError, CmpqWarning
+from .format.checkpoint import check_free_space, check_output_dir
+from .format.spec import WEIGHTS_FILE
 from .inspection import HEATMAP_FILE, as_dict, draw_heatmap, format_table, inspect_output
-from .models import DEFAULT_MODEL, load_model, quantizable_linears
-from .quantize import quantize
-from .sizing import bits_for_size, parse_size
+from .models.graph import quantizable_linears
+from .models.sources import DEFAULT_MODEL
+from .runtime.checkpoint import dense_checkpoint_bytes
 
 EXIT_USER_ERROR = 2
+CONFIGS = {"cmpq": CMPQConfig, "rtn": RTNConfig}
+# API parameters that are not config fields, as the CLI spells them
+COMMAND_FLAGS = {
+    "max_size": "--max-size",
+    "out": "--out",
+    "overwrite": "--overwrite",
+    "seqlen": "--seqlen",
+    "windows": "--windows",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+}
 
 
-def _group_size(value: str) -> int | None:
-    if value == "channel":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of columns or 'channel', got {value!r}"
-        ) from None
+# --- options generated from the config dataclasses -------------------------------------
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def flag_of(parameter: str) -> str | None:
+    """The flag that sets API parameter ``parameter``, if the CLI has one."""
+    for config in CONFIGS.values():
+        for field in dataclasses.fields(config):
+            if field.name == parameter:
+                return _flag(field)
+    return COMMAND_FLAGS.get(parameter)
+
+
+def in_cli_words(message: str) -> str:
+    """A library message with the parameters it names (`` `bits` ``) written as the
+    flags that set them (``--bits``); a parameter the CLI has no flag for keeps its name."""
+
+    def flag(match: re.Match) -> str:
+        return flag_of(match.group(1)) or match.group(1)
+
+    return re.sub(r"`([a-z_]+)`", flag, message)
+
+
+def _none_or_int(word: str):
+    def parse(value: str) -> int | None:
+        if value == word:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number or {word!r}, got {value!r}"
+            ) from None
+
+    return parse
+
+
+def _argument(field: dataclasses.Field, help_text: str) -> dict:
+    """argparse keywords for one config field (no default: only given options are set)."""
+    options = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
+    if isinstance(field.default, bool):
+        if field.metadata.get("optional"):
+            return {**options, "action": argparse.BooleanOptionalAction}
+        return {
+            **options,
+            "action": "store_false" if field.metadata.get("negate") else "store_true",
+        }
+    if "none" in field.metadata:
+        return {**options, "type": _none_or_int(field.metadata["none"])}
+    if "choices" in field.metadata:
+        options["choices"] = field.metadata["choices"]
+    return {**options, "type": type(field.default)}
+
+
+def _help(field: dataclasses.Field) -> str:
+    if isinstance(field.default, bool) and not field.metadata.get("optional"):
+        return field.metadata["help"]
+    return f"{field.metadata['help']} (default: {field.default})"
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field; a field both methods have (``bits``) is one
+    option whose help gives each method's meaning."""
+    by_name: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method, config in CONFIGS.items():
+        for field in dataclasses.fields(config):
+            by_name.setdefault(field.name, []).append((method, field))
+    groups = {method: parser.add_argument_group(f"{method} options") for method in CONFIGS}
+    for owners in by_name.values():
+        method, field = owners[0]
+        if len(owners) > 1:
+            text = "; ".join(f"{m}: {_help(f)}" for m, f in owners)
+            kinds = {type(f.default) for _, f in owners}
+            option = {**_argument(field, text), "type": float if float in kinds else int}
+            parser.add_argument(_flag(field), **option)
+        else:
+            groups[method].add_argument(_flag(field), **_argument(field, _help(field)))
+
+
+def config_from_args(args: argparse.Namespace):
+    """The method config the given options describe (validated by the config itself)."""
+    config = CONFIGS[args.method]
+    own = {field.name: field for field in dataclasses.fields(config)}
+    given = {name: getattr(args, name) for name in _config_names() if hasattr(args, name)}
+    for name in given:
+        if name not in own:
+            other = next(m for m, c in CONFIGS.items() if name in _names(c))
+            raise CmpqError(f"{flag_of(name)} applies to --method {other} only")
+    for name, value in given.items():  # an int field given as a float option (rtn --bits)
+        if isinstance(own[name].default, int) and isinstance(value, float) and value.is_integer():
+            given[name] = int(value)
+    if "calib" in given:
+        _check_dataset(given["calib"])
+    return config(**given)
+
+
+def _names(config) -> set[str]:
+    return {field.name for field in dataclasses.fields(config)}
+
+
+def _config_names() -> set[str]:
+    return set().union(*(_names(config) for config in CONFIGS.values()))
+
+
+# --- commands -------------------------------------------------------------------------
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -72,46 +188,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _write_json(args.json, result.as_dict())
 
 
-def config_from_args(args: argparse.Namespace):
-    """The method config the options describe (validated by the config itself)."""
-    if args.method == "rtn":
-        bits = 3 if args.bits is None else args.bits
-        bits = int(bits) if float(bits).is_integer() else bits
-        return RTNConfig(
-            bits=bits, group_size=args.group_size, include_lm_head=args.include_lm_head
-        )
-    if args.include_lm_head:
-        raise CmpqError("--include-lm-head is supported with --method rtn only")
-    _check_dataset(args.calib)
-    return CMPQConfig(
-        bits=CMPQConfig.bits if args.bits is None else args.bits,
-        layout=args.layout,
-        statistic=args.statistic,
-        outliers_act=args.outliers_act,
-        outliers_q=args.outliers_q,
-        mixed=not args.integer_only,
-        kmeans_iters=args.kmeans_iters,
-        seed=args.seed,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_seqlen=args.calib_seqlen,
-        sequential=args.sequential,
-        allocation=args.allocation,
-        error_feedback=args.error_feedback,
-        damp=args.damp,
-    )
-
-
 def cmd_quantize(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     max_bytes = parse_size(args.max_size) if args.max_size is not None else None
-    if max_bytes is not None and (args.method != "cmpq" or args.bits is not None):
+    if max_bytes is not None and (args.method != "cmpq" or hasattr(args, "bits")):
         raise CmpqError("--max-size replaces --bits and works with --method cmpq only")
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     model, tokenizer = load_model(args.model)
     if max_bytes is not None:
         config = dataclasses.replace(config, bits=bits_for_size(model, max_bytes))
+    if isinstance(config, CMPQConfig):
+        check_free_space(out, estimated_packed_bytes(model, config.bits))
+    else:
+        check_free_space(out, dense_checkpoint_bytes(model))
     report = quantize(model, config, tokenizer=tokenizer)
     save_quantized(model, tokenizer, report, out, overwrite=args.overwrite)
     print(report.summary())
@@ -127,6 +217,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .eval.generation import check_generation_options
+
     check_generation_options(args.max_new_tokens, args.temperature)
     model, tokenizer = load_model(args.model)
     print(args.prompt, end="", flush=True)
@@ -159,12 +251,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Evaluate the default model, then RTN 3-bit and CMPQ 2.5-bit copies of it."""
+    """Evaluate the default model, then RTN 3-bit and CMPQ copies of it."""
+    start = time.perf_counter()
     evaluate = partial(perplexity, dataset=args.dataset, seqlen=args.seqlen, windows=args.windows)
     model, tokenizer = load_model(args.model)
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())
     fp = evaluate(model, tokenizer, model_name=args.model)
-    rows = [("fp16 reference", 16.0, params * 2, fp.ppl)]
+    rows = [("full precision (fp32)", 32.0, params * 4, fp.ppl)]
     for label, config in [
         ("RTN 3-bit g64", RTNConfig(bits=3, group_size=64)),
         (f"CMPQ {args.bits:g} bits", CMPQConfig(bits=args.bits)),
@@ -178,13 +271,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"{args.model}, {args.dataset}, {fp.windows} x {fp.seqlen} tokens; bits and sizes "
         "count everything stored for the decoder linears:"
     )
-    print(f"{'model':<22}{'bits/weight':>12}{'size (MB)':>12}{'perplexity':>12}")
+    print(f"{'model':<24}{'bits/weight':>12}{'size (MB)':>12}{'perplexity':>12}")
     for row in rows:
         _print_row(*row)
+    print(f"demo took {time.perf_counter() - start:.0f} s")
 
 
 def _print_row(label: str, bits: float, stored_bytes: int, ppl: float) -> None:
-    print(f"{label:<22}{bits:>12.2f}{stored_bytes / 1e6:>12.2f}{ppl:>12.2f}")
+    print(f"{label:<24}{bits:>12.2f}{stored_bytes / 1e6:>12.2f}{ppl:>12.2f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,87 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = commands.add_parser("quantize", help="quantize a model and write it to --out")
     quant.add_argument("model", help="alias, checkpoint dir, .gguf or hub id")
-    quant.add_argument("--method", choices=["cmpq", "rtn"], default="cmpq")
-    quant.add_argument(
-        "--bits",
-        type=float,
-        help="cmpq: total stored bits per weight, any number 2-8 (2.5); rtn: code bits 2-8 (3)",
-    )
+    quant.add_argument("--method", choices=list(CONFIGS), default="cmpq")
     quant.add_argument(
         "--max-size",
         help="cmpq: instead of --bits, the most bytes model.safetensors may take, "
         "embeddings and lm_head included (60MB, 600MiB, 1.5GB, or a byte count)",
     )
-    quant.add_argument(
-        "--group-size",
-        type=_group_size,
-        default=64,
-        help="rtn: columns per group, or 'channel' (64)",
-    )
-    quant.add_argument("--include-lm-head", action="store_true", help="rtn: quantize lm_head too")
-    defaults = CMPQConfig()
-    cmpq_options = quant.add_argument_group("cmpq options")
-    cmpq_options.add_argument(
-        "--layout",
-        choices=LAYOUTS,
-        default=defaults.layout,
-        help="look-up tables per output row per bit-group, or per column",
-    )
-    cmpq_options.add_argument(
-        "--statistic",
-        choices=STATISTICS,
-        default=defaults.statistic,
-        help="activation statistic that ranks channels",
-    )
-    cmpq_options.add_argument(
-        "--outliers-act",
-        type=float,
-        default=defaults.outliers_act,
-        help="fraction of weights kept fp16 by activation magnitude",
-    )
-    cmpq_options.add_argument(
-        "--outliers-q",
-        type=float,
-        default=defaults.outliers_q,
-        help="fraction of weights kept fp16 by quantization error",
-    )
-    cmpq_options.add_argument(
-        "--integer-only", action="store_true", help="one integer code width everywhere (ablation)"
-    )
-    cmpq_options.add_argument("--kmeans-iters", type=int, default=defaults.kmeans_iters)
-    cmpq_options.add_argument("--seed", type=int, default=defaults.seed)
-    cmpq_options.add_argument(
-        "--calib", default=defaults.calib, help="calibration text: c4-train | wikitext2 | c4 | PATH"
-    )
-    cmpq_options.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
-    cmpq_options.add_argument("--calib-seqlen", type=int, default=defaults.calib_seqlen)
-    cmpq_options.add_argument(
-        "--sequential",
-        action="store_true",
-        help="calibrate each block on the outputs of the quantized ones",
-    )
-    cmpq_options.add_argument(
-        "--allocation",
-        choices=ALLOCATIONS,
-        default=defaults.allocation,
-        help="paper: the same widths in every layer, extra bit to the loudest channels; "
-        "rd: widths for all channels of all layers at once, by measured distortion per bit; "
-        "rd-layer: the same trade within each layer, at the paper's budget per layer "
-        "(default: %(default)s; the paper's method is --allocation paper --no-error-feedback)",
-    )
-    cmpq_options.add_argument(
-        "--error-feedback",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.error_feedback,
-        help="GPTQ-style feedback of each column's rounding error onto the columns after it "
-        "(default: on; gathers XᵀX during calibration)",
-    )
-    cmpq_options.add_argument(
-        "--damp",
-        type=float,
-        default=defaults.damp,
-        help="error feedback: damping of XᵀX as a fraction of its mean diagonal",
-    )
+    add_config_options(quant)
     quant.add_argument("--out", required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     quant.add_argument("--json", help="write the quantization report as JSON to this file")
@@ -317,16 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """cmpq's own warnings as one ``warning: ...`` line; others as Python prints them."""
+    if issubclass(category, CmpqWarning):
+        print(f"warning: {in_cli_words(str(message))}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         args.func(args)
     except CmpqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
     return 0
 
 

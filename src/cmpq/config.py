@@ -1,16 +1,32 @@
-"""Quantization configs: small validated dataclasses, one per method."""
+"""Quantization configs: small validated dataclasses, one per method.
+
+Every option is declared once, here: its name, type, default, choices and help
+text (the field's ``metadata``). The command line is generated from these
+fields (:mod:`cmpq.cli`), and the checks below name parameters as the API
+spells them; the CLI prints its own flags instead (``CmpqError.parameters``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from .allocate import ALLOCATIONS, LAYOUTS
-from .calibrate import STATISTICS
-from .data import BUILTIN_DATASETS
+from .alloc.budget import ALLOCATIONS, MAX_TOTAL_BITS, MIN_TOTAL_BITS
+from .calib.stats import STATISTICS
+from .calib.text import BUILTIN_DATASETS
 from .errors import CmpqError
-from .rtn import check_rtn_options
+from .format.spec import LAYOUTS
 
-MIN_TOTAL_BITS, MAX_TOTAL_BITS = 2.0, 8.0
+RTN_MIN_BITS, RTN_MAX_BITS = 2, 8
+
+
+def option(default, help: str, **cli) -> field:
+    """A config field with its help text and how the CLI spells it.
+
+    ``cli`` may hold ``choices`` (the allowed values), ``flag`` (a flag other than
+    ``--field-name``), ``negate`` (the flag sets the field to ``False``),
+    ``optional`` (``--x/--no-x``) and ``none`` (the word the CLI takes for ``None``).
+    """
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
@@ -20,9 +36,11 @@ class RTNConfig:
     ``group_size=None`` quantizes per output channel (one group per row).
     """
 
-    bits: int = 3
-    group_size: int | None = 64
-    include_lm_head: bool = False
+    bits: int = option(3, "code bits, an integer 2-8")
+    group_size: int | None = option(
+        64, "columns per group ('channel': one group per output channel)", none="channel"
+    )
+    include_lm_head: bool = option(False, "quantize lm_head too")
 
     method = "rtn"
 
@@ -31,6 +49,17 @@ class RTNConfig:
 
     def as_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
+
+
+def check_rtn_options(bits: int, group_size: int | None) -> None:
+    if not float(bits).is_integer() or not RTN_MIN_BITS <= bits <= RTN_MAX_BITS:
+        raise CmpqError(
+            f"`bits` must be an integer from {RTN_MIN_BITS} to {RTN_MAX_BITS} for RTN (got {bits})"
+        )
+    if group_size is not None and group_size <= 0:
+        raise CmpqError(
+            f"`group_size` must be a positive number of columns (got {group_size})"
+        )
 
 
 # The CMPQ paper's method, as the defaults were before rd-layer allocation and
@@ -50,29 +79,51 @@ class CMPQConfig:
     gives the paper's own method (extra bit to the loudest channels, no feedback).
     """
 
-    bits: float = 2.5
-    layout: str = "column"  # "column": table per input column; "row": per output row per bit-group
-    statistic: str = "l2"  # allocation statistic: "l2", "mean_abs" or "max_abs"
-    outliers_act: float = 0.0005  # fraction of weights kept fp16 by activation magnitude
-    outliers_q: float = 0.004  # fraction kept fp16 by activation-weighted quantization error
-    mixed: bool = True  # False: one integer width everywhere (ablation)
-    kmeans_iters: int = 25
-    seed: int = 0
-    calib: str = "c4-train"
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    sequential: bool = False
-    allocation: str = "rd-layer"  # "paper": same widths in every layer; "rd": rate-distortion
-    # across all layers; "rd-layer": rate-distortion within each layer at the paper's budget
-    error_feedback: bool = True  # GPTQ-style feedback of each column's error (needs XᵀX)
-    damp: float = 0.01  # error feedback: damping of XᵀX, as a fraction of its mean diagonal
+    bits: float = option(
+        2.5, "total stored bits per weight (codes, tables, outliers, metadata), any number 2-8"
+    )
+    layout: str = option(
+        "column",
+        "look-up tables per input column, or per output row per bit-group",
+        choices=LAYOUTS,
+    )
+    statistic: str = option("l2", "activation statistic that ranks channels", choices=STATISTICS)
+    outliers_act: float = option(0.0005, "fraction of weights kept in fp16 by activation magnitude")
+    outliers_q: float = option(
+        0.004, "fraction of weights kept in fp16 by activation-weighted quantization error"
+    )
+    mixed: bool = option(
+        True, "one integer code width everywhere (ablation)", flag="--integer-only", negate=True
+    )
+    kmeans_iters: int = option(25, "Lloyd iterations of each table fit")
+    seed: int = option(0, "seed of the calibration sampling and k-means")
+    calib: str = option("c4-train", f"calibration text: {' | '.join((*BUILTIN_DATASETS, 'PATH'))}")
+    calib_samples: int = option(128, "calibration windows")
+    calib_seqlen: int = option(512, "tokens per calibration window")
+    sequential: bool = option(
+        False, "calibrate each block on the outputs of the quantized ones (allocation paper)"
+    )
+    allocation: str = option(
+        "rd-layer",
+        "paper: the same widths in every layer, the extra bit to the loudest channels; "
+        "rd: widths for all channels of all layers at once, by measured distortion per bit; "
+        "rd-layer: the same trade within each layer, at the paper's budget per layer",
+        choices=ALLOCATIONS,
+    )
+    error_feedback: bool = option(
+        True,
+        "GPTQ-style feedback of each column's rounding error onto the columns after it "
+        "(gathers XᵀX during calibration)",
+        optional=True,
+    )
+    damp: float = option(0.01, "error feedback: damping of XᵀX, a fraction of its mean diagonal")
 
     method = "cmpq"
 
     def __post_init__(self) -> None:
         if not MIN_TOTAL_BITS <= self.bits <= MAX_TOTAL_BITS:
             raise CmpqError(
-                f"--bits must be from {MIN_TOTAL_BITS:g} to {MAX_TOTAL_BITS:g} total bits per "
+                f"`bits` must be from {MIN_TOTAL_BITS:g} to {MAX_TOTAL_BITS:g} total bits per "
                 f"weight (got {self.bits})"
             )
         _check_choice("layout", self.layout, LAYOUTS)
@@ -80,27 +131,27 @@ class CMPQConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.allocation != "paper" and self.layout != "column":
             raise CmpqError(
-                f"--allocation {self.allocation} prices each input column alone: "
-                "use --layout column, or --allocation paper with --layout row"
+                f"`allocation` {self.allocation} prices each input column alone: use `layout` "
+                "column, or `allocation` paper with `layout` row"
             )
         if self.allocation != "paper" and self.sequential:
             raise CmpqError(
-                f"--allocation {self.allocation} needs every layer's statistics before the "
-                "first is quantized; add --allocation paper to calibrate sequentially"
+                f"`allocation` {self.allocation} needs every layer's statistics before the first "
+                "is quantized; use `allocation` paper with `sequential`"
             )
         for name in ("outliers_act", "outliers_q"):
             value = getattr(self, name)
             if not 0 <= value <= 0.1:
-                raise CmpqError(
-                    f"--{name.replace('_', '-')} must be a fraction from 0 to 0.1 (got {value})"
-                )
-        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.kmeans_iters < 1:
-            raise CmpqError("--calib-samples and --kmeans-iters must be >= 1, --calib-seqlen >= 2")
+                raise CmpqError(f"`{name}` must be a fraction from 0 to 0.1 (got {value})")
+        for name, least in (("calib_samples", 1), ("calib_seqlen", 2), ("kmeans_iters", 1)):
+            value = getattr(self, name)
+            if value < least:
+                raise CmpqError(f"`{name}` must be at least {least} (got {value})")
         if not 0 < self.damp <= 1:
-            raise CmpqError(f"--damp must be in (0, 1] (got {self.damp})")
+            raise CmpqError(f"`damp` must be in (0, 1] (got {self.damp})")
         if not self.calib:
             raise CmpqError(
-                f"--calib must name a dataset ({', '.join(BUILTIN_DATASETS)} or a path)"
+                f"`calib` must name a dataset ({', '.join(BUILTIN_DATASETS)} or a path)"
             )
 
     def as_dict(self) -> dict:
@@ -109,4 +160,4 @@ class CMPQConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise CmpqError(f"--{name} must be one of {', '.join(choices)} (got {value!r})")
+        raise CmpqError(f"`{name}` must be one of {', '.join(choices)} (got {value!r})")

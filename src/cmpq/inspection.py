@@ -5,7 +5,7 @@ model: the description (config.json's quantization_config) gives the layers
 and their shapes, ``model.safetensors``
 the bit-groups and permutation of each layer, and ``channel_stats.safetensors``
 (when present) the activation statistic that drove the allocation. Byte counts
-come from :func:`cmpq.lutquant.stored_bits`, the same count the quantization
+come from :func:`cmpq.format.cost.stored_bits`, the same count the quantization
 report and the bit budget use, so the table and the report cannot disagree.
 """
 
@@ -18,15 +18,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import (
-    STATS_FILE,
-    WEIGHTS_FILE,
-    is_cmpq_output,
-    read_description,
-)
 from .errors import CmpqError
-from .lutquant import stored_bits
-from .qlinear import REQUIRED_NAMES, STORED_NAMES
+from .format.cost import stored_bits
+from .format.description import is_cmpq_output, read_description
+from .format.spec import REQUIRED_NAMES, STATS_FILE, STORED_NAMES, WEIGHTS_FILE
 
 HEATMAP_FILE = "bits_heatmap.png"
 # The dtypes cmpq stores, by their safetensors names: enough to size a tensor from its header.

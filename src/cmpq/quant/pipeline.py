@@ -1,56 +1,48 @@
-"""The public verb: ``quantize(model, config)`` transforms a model in place."""
+"""The public verb: ``quantize(model, config)`` transforms a model in place.
+
+CMPQ runs in the order the data flows: calibration windows are sampled
+(:mod:`cmpq.calib.text`), the block looper measures each block's linears
+(:mod:`cmpq.calib.looper`), the allocation is planned (:mod:`cmpq.alloc`), and
+each block's linears are quantized side by side (:mod:`.tables`,
+:mod:`.feedback`, on an :mod:`.executor`) and replaced by
+:class:`~cmpq.runtime.qlinear.QuantizedLinear` modules.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import (
-    RD_WIDTHS,
-    LayerShape,
-    outlier_count,
-    paper_allocation,
-    paper_code_budgets,
-    rd_plan,
-    solve_budget,
-)
-from .calibrate import ChannelStats, collect_stats, for_each_block
-from .config import CMPQConfig, RTNConfig
-from .data import load_documents, sample_calibration
-from .errors import CmpqError
-from .feedback import quantize_layer_feedback
-from .lutquant import (
-    activation_outliers,
-    activation_scale,
-    column_distortions,
-    quantize_layer,
-    stored_bits,
-)
-from .models import (
+from ..alloc.budget import outlier_count, solve_budget
+from ..alloc.paper import paper_allocation, paper_code_budgets
+from ..alloc.rd import RD_WIDTHS, rd_plan
+from ..calib.looper import collect_stats, for_each_block
+from ..calib.stats import ChannelStats
+from ..calib.text import load_documents, sample_calibration
+from ..config import CMPQConfig, RTNConfig
+from ..errors import CmpqError
+from ..format.cost import LayerShape, stored_bits
+from ..memory import peak_rss_bytes
+from ..models.conventions import needs_bos
+from ..models.graph import (
     block_linears,
     decoder_blocks,
-    needs_bos,
     quantizable_linears,
     replace_module,
     set_weight_matrix,
+    untie_lm_head,
     weight_matrix,
 )
-from .qlinear import QuantizedLinear
-from .report import QuantizationReport, peak_rss_bytes
+from ..runtime.qlinear import QuantizedLinear
+from .executor import Executor, ThreadExecutor
+from .feedback import quantize_layer_feedback
+from .outliers import activation_outliers, activation_scale
+from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
-
-
-def untie_lm_head(model: nn.Module) -> None:
-    """Give the lm_head its own weight so quantizing it leaves the embedding alone."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and embed is not None and head.weight is embed.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+from .tables import column_distortions, quantize_layer
 
 
 def quantize_rtn(model: nn.Module, config: RTNConfig, progress: bool = True) -> QuantizationReport:
@@ -87,14 +79,17 @@ def quantize_cmpq(
     calibration: torch.Tensor | None,
     progress: bool = True,
     stats: dict[str, ChannelStats] | None = None,
+    executor: Executor | None = None,
 ) -> QuantizationReport:
     """CMPQ every decoder linear, replacing each with a :class:`QuantizedLinear`.
 
-    ``stats`` (from :func:`cmpq.calibrate.collect_stats`, by full linear name)
+    ``stats`` (from :func:`cmpq.calib.looper.collect_stats`, by full linear name)
     skips calibration: statistics of the full-precision model can be reused
-    across runs that differ only in bits or quantizer options.
+    across runs that differ only in bits or quantizer options. ``executor`` runs
+    the per-linear work (default: :class:`~.executor.ThreadExecutor`).
     """
     start = time.perf_counter()
+    executor = ThreadExecutor() if executor is None else executor
     linears = quantizable_linears(model)
     shapes = {name: LayerShape(*weight_matrix(m).shape) for name, m in linears.items()}
     outlier_fraction = config.outliers_act + config.outliers_q
@@ -110,7 +105,7 @@ def quantize_cmpq(
                     list(shapes.values()), config.bits, "column", outlier_fraction, config.mixed
                 )
                 layer_budgets = paper_code_budgets(shapes, paper.code_bits, "column", config.mixed)
-            distortions = rd_distortions(linears, stats, config, progress)
+            distortions = rd_distortions(linears, stats, config, progress, executor)
             plan = rd_plan(
                 shapes, distortions, config.bits, outlier_fraction, layer_budgets=layer_budgets
             )
@@ -154,16 +149,16 @@ def quantize_cmpq(
         if stats.gram is None:
             raise CmpqError(
                 "error feedback needs statistics collected with gram=True "
-                "(cmpq.calibrate.collect_stats(..., gram=True))"
+                "(cmpq.calib.looper.collect_stats(..., gram=True))"
             )
         return quantize_layer_feedback(
-            weight, bits, energy, stats.gram, damp=config.damp, **options
+            weight, bits, energy, stats.gram, damp=config.damp, label=full_name, **options
         )
 
     def process(index: int, block: nn.Module, block_stats: dict[str, ChannelStats]) -> None:
         linears = list(block_linears(block).items())
         statistics = {name: block_stats[name].statistic(config.statistic) for name, _ in linears}
-        layers = parallel_map(
+        layers = executor.map(
             lambda item: quantize_linear(
                 f"{prefix}.{index}.{item[0]}", item[1], block_stats[item[0]], statistics[item[0]]
             ),
@@ -182,7 +177,9 @@ def quantize_cmpq(
         )
     else:
         if config.sequential:
-            raise CmpqError("precomputed statistics cannot be used with sequential calibration")
+            raise CmpqError(
+                "`stats` (precomputed statistics) cannot be used with `sequential` calibration"
+            )
         _, blocks = decoder_blocks(model)
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             names = block_linears(block)
@@ -202,39 +199,12 @@ def round_unquantized_to_fp16(model: nn.Module) -> None:
                 parameter.copy_(parameter.half().float())
 
 
-def parallel_map(
-    function: Callable, items: Sequence, cost: Callable | None = None, workers: int | None = None
-) -> list:
-    """``[function(item) for item in items]`` on ``workers`` threads (default: torch's
-    thread count), each running torch with one thread.
-
-    The per-linear work (1-D k-means, column-by-column feedback) is many small
-    tensor operations, which one thread per operation runs best; torch releases
-    the GIL inside them, so whole linears run side by side instead. With ``cost``
-    the most costly items start first. The results are those of a serial run
-    with one torch thread, whatever the number of workers.
-    """
-    workers = torch.get_num_threads() if workers is None else workers
-    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else range(len(items))
-    previous = torch.get_num_threads()
-
-    def run(i: int):
-        torch.set_num_threads(1)  # per thread under OpenMP: set where the work runs
-        return function(items[i])
-
-    try:
-        if workers <= 1 or len(items) <= 1:
-            results = dict(zip(order, map(run, order), strict=True))
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = dict(zip(order, pool.map(run, order), strict=True))
-    finally:
-        torch.set_num_threads(previous)
-    return [results[i] for i in range(len(items))]
-
-
 def rd_distortions(
-    linears: dict[str, nn.Module], stats: dict[str, ChannelStats], config: CMPQConfig, progress
+    linears: dict[str, nn.Module],
+    stats: dict[str, ChannelStats],
+    config: CMPQConfig,
+    progress: bool,
+    executor: Executor,
 ) -> dict[str, torch.Tensor]:
     """Every column's output distortion at each candidate width, by full linear name.
 
@@ -264,7 +234,7 @@ def rd_distortions(
         def size(name: str) -> int:
             return weight_matrix(linears[name]).numel()
 
-        return dict(zip(names, parallel_map(measured, names, size), strict=True))
+        return dict(zip(names, executor.map(measured, names, size), strict=True))
 
 
 def quantize(
@@ -274,6 +244,7 @@ def quantize(
     tokenizer=None,
     progress: bool = True,
     stats: dict[str, ChannelStats] | None = None,
+    executor: Executor | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``config`` and return what was stored.
 
@@ -285,7 +256,9 @@ def quantize(
     if isinstance(config, CMPQConfig):
         if calibration is None and stats is None:
             if tokenizer is None:
-                raise CmpqError("CMPQ needs calibration windows or a tokenizer to sample them")
+                raise CmpqError(
+                    "CMPQ needs `calibration` windows or a `tokenizer` to sample them"
+                )
             calibration = calibration_batch(tokenizer, model, config)
-        return quantize_cmpq(model, config, calibration, progress, stats)
+        return quantize_cmpq(model, config, calibration, progress, stats, executor)
     raise TypeError(f"unsupported config type {type(config).__name__}")

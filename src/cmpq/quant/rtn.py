@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CmpqError
+from ..config import check_rtn_options
 
-MIN_BITS, MAX_BITS = 2, 8
 SCALE_BITS = 16  # fp16 scale
 MIN_VALUE_BITS = 16  # fp16 minimum ("zero point")
 
@@ -28,16 +27,6 @@ class RTNQuantized:
     minimums: torch.Tensor  # [out, groups] fp16
     bits: int
     group_size: int  # columns per group; equals `in` for per-channel
-
-
-def check_rtn_options(bits: int, group_size: int | None) -> None:
-    if not float(bits).is_integer() or not MIN_BITS <= bits <= MAX_BITS:
-        raise CmpqError(f"RTN bits must be an integer from {MIN_BITS} to {MAX_BITS} (got {bits})")
-    if group_size is not None and group_size <= 0:
-        raise CmpqError(
-            f"group size must be a positive number of columns (got {group_size}); "
-            "use 'channel' for one group per output channel"
-        )
 
 
 def _pad_to_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CmpqError
+from ..errors import CmpqError
 
 _WIKITEXT_TEST = "wikitext-2-raw-v1.test.raw.xz"
 _C4_TRAIN = "c4-train.00000-of-01024.first1041.jsonl.xz"
@@ -104,17 +104,17 @@ def cut_windows(
     Returns a ``[windows, seqlen]`` int64 tensor.
     """
     if seqlen < 2:
-        raise CmpqError(f"--seqlen must be at least 2 (got {seqlen})")
+        raise CmpqError(f"`seqlen` must be at least 2 (got {seqlen})")
     body = seqlen - 1 if bos_id is not None else seqlen
     available = token_ids.numel() // body
     if windows is None:
         windows = available
     if windows < 1:
-        raise CmpqError(f"--windows must be at least 1 (got {windows})")
+        raise CmpqError(f"`windows` must be at least 1 (got {windows})")
     if windows > available:
         raise CmpqError(
             f"the text has {token_ids.numel()} tokens: room for {available} windows of "
-            f"{seqlen} tokens, not {windows}; lower --windows or --seqlen"
+            f"{seqlen} tokens, not {windows}; lower `windows` or `seqlen`"
         )
     batch = token_ids[: windows * body].reshape(windows, body).long()
     if bos_id is not None:
@@ -146,7 +146,7 @@ def sample_calibration(
         if len(stream) < body:
             raise CmpqError(
                 f"the calibration text has {len(stream)} tokens, fewer than one window of "
-                f"{seqlen}; give more text or lower --calib-seqlen"
+                f"{seqlen}; give more text or lower `calib_seqlen`"
             )
         long_enough = [stream]
     rows = []

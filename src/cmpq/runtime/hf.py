@@ -3,11 +3,11 @@
 A packed cmpq checkpoint's ``config.json`` carries ``quantization_config`` with
 ``quant_method: "cmpq"``; importing cmpq registers, through transformers' public
 registration API, the config class and the quantizer that turns it into
-:class:`~cmpq.qlinear.QuantizedLinear` modules:
+:class:`~cmpq.runtime.qlinear.QuantizedLinear` modules:
 
 - before the weights load (the model is still on the meta device), the quantizer
   reads the quantized layers' stored tensors from the checkpoint, checks them
-  and the other tensors' names, dtypes and shapes (:mod:`cmpq.validate`), and
+  and the other tensors' names, dtypes and shapes (:mod:`cmpq.format.validate`), and
   puts a ``QuantizedLinear`` holding them where each listed linear was;
 - transformers' loader then fills everything else (embeddings, norms, biases)
   and copies the same stored tensors into the modules' buffers;
@@ -26,17 +26,27 @@ from safetensors import SafetensorError, safe_open
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (
-    FORMAT_VERSION,
-    QUANT_METHOD,
-    WEIGHTS_FILE,
-    check_format_version,
-    packed_state_dict,
-)
-from .errors import CmpqError
-from .models import replace_module
-from .qlinear import FP16_NAMES, QuantizedLinear
-from .validate import check_description, read_checked_layers
+from ..errors import CmpqError
+from ..format.checkpoint import packed_state_dict
+from ..format.description import check_description, check_format_version
+from ..format.spec import FORMAT_VERSION, FP16_NAMES, QUANT_METHOD, WEIGHTS_FILE
+from ..format.validate import LinearTarget, read_checked_layers
+from ..models.graph import is_linear, replace_module, weight_matrix
+from .qlinear import QuantizedLinear
+
+
+def linear_targets(model) -> dict[str, LinearTarget]:
+    """Every linear of ``model`` by name, as the format's checks see it."""
+    return {
+        name: LinearTarget(*weight_matrix(module).shape, bias=module.bias is not None)
+        for name, module in model.named_modules()
+        if is_linear(module)
+    }
+
+
+def tied_keys(model) -> set[str]:
+    """The state-dict names transformers re-ties on loading (written once, as their source)."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -73,7 +83,13 @@ class CmpqHfQuantizer(HfQuantizer):
             )
         try:  # transformers builds the model under a meta-device context: check on the CPU
             with torch.device("cpu"), safe_open(str(checkpoint_files[0]), framework="pt") as handle:
-                stored = read_checked_layers(handle, model, description)
+                stored = read_checked_layers(
+                    handle,
+                    description,
+                    linear_targets(model),
+                    model.state_dict(keep_vars=True),
+                    getattr(model, "all_tied_weights_keys", None),
+                )
         except SafetensorError as exc:  # truncated or garbage: the header does not cover the file
             raise CmpqError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
         for name, layer in description["layers"].items():
@@ -99,7 +115,7 @@ class CmpqHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The tensors cmpq's own writer stores (non-quantized parameters in fp16);
         transformers sets the file's metadata itself."""
-        return packed_state_dict(model), {}
+        return packed_state_dict(model.state_dict(), tied_keys(model)), {}
 
     def is_serializable(self) -> bool:
         return True

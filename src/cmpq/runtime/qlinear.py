@@ -14,16 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lutquant import LUTLayer, dequantize_layer, from_tensors, to_tensors
-
-REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
-OUTLIER_NAMES = ("outlier_crow", "outlier_cols", "outlier_values")  # all three or none
-STORED_NAMES = REQUIRED_NAMES + OUTLIER_NAMES
-FP16_NAMES = ("lut", "outlier_values")  # stored in fp16 whatever dtype the model runs in
+from ..format.layer import LUTLayer, dequantize_layer, from_tensors, to_tensors
+from ..format.spec import STORED_NAMES
 
 
 class QuantizedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held as a :class:`~cmpq.lutquant.LUTLayer`."""
+    """``y = x W^T + b`` with ``W`` held as a :class:`~cmpq.format.layer.LUTLayer`."""
 
     def __init__(
         self,

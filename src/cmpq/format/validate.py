@@ -13,105 +13,54 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .allocate import (
-    LAYOUTS,
+from ..errors import CmpqError
+from .cost import LayerShape, StoredTotals, layer_cost, stored_bits
+from .description import is_json_int
+from .spec import (
+    FLOAT_STORAGE,
     LUT_ENTRY_BITS,
     MAX_CODE_BITS,
     MIN_CODE_BITS,
-    LayerShape,
-    layer_cost,
+    OUTLIER_NAMES,
+    REQUIRED_NAMES,
+    STORED_NAMES,
+    stored_dtypes,
 )
-from .errors import CmpqError
-from .lutquant import stored_bits, stored_dtypes
-from .models import is_linear, weight_matrix
-from .qlinear import OUTLIER_NAMES, REQUIRED_NAMES, STORED_NAMES
-from .report import QuantizationReport
 
-FORMATS = ("packed", "dequantized")
-# Non-quantized parameters are written in fp16; fp32 is what the same format
-# version held before they moved to fp16, and it loads exactly.
-FLOAT_STORAGE = ("F16", "F32")
-# The totals of the description that the stored tensors determine (report.stored_dict()).
+# The totals of the description that the stored tensors determine (StoredTotals.totals_dict()).
 TOTAL_FIELDS = ("effective_bits", "bits_breakdown", "quantized_params", "stored_bytes")
 
 
-def _is_int(value: object) -> bool:
-    """A JSON integer (``True`` is an ``int`` to Python, not to the format)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class LinearTarget:
+    """What the model built from ``config.json`` has where a quantized layer is listed."""
+
+    out_features: int
+    in_features: int
+    bias: bool
 
 
-def check_description(description: object, supported_version: int) -> None:
-    """The parsed description (config.json's ``quantization_config``, or ``cmpq.json``):
-    a known format version and format, well-formed layers."""
-    if not isinstance(description, dict):
-        raise CmpqError(f"expected a JSON object, found {type(description).__name__}")
-    version = description.get("format_version")
-    if not _is_int(version) or version < 1:
-        raise CmpqError(f"format_version must be a positive integer, found {version!r}")
-    if version > supported_version:
-        raise CmpqError(
-            f"format version {version} is newer than this cmpq reads (versions up to "
-            f"{supported_version}): upgrade cmpq"
-        )
-    kind = description.get("format")
-    if kind not in FORMATS:
-        raise CmpqError(f"format must be one of {', '.join(FORMATS)}, found {kind!r}")
-    layers = description.get("layers")
-    if kind == "dequantized":
-        if isinstance(layers, dict):  # packed tensors would load as random weights
-            raise CmpqError("format is 'dequantized' but layers lists packed layers")
-        return
-    if not isinstance(layers, dict) or not layers:
-        raise CmpqError("layers must map every quantized layer to its shape, found none")
-    config = description.get("config")
-    layout = config.get("layout") if isinstance(config, dict) else None
-    for name, entry in layers.items():
-        check_layer_entry(name, entry, layout)
-
-
-def check_layer_entry(name: str, entry: object, config_layout: object = None) -> None:
-    """One ``layers`` entry: positive integer shape, a known layout, a boolean bias.
-
-    ``config_layout`` (the run's ``config.layout``) must agree with the entry's:
-    for a square single-group layer both layouts hold tables of the same size,
-    so a flipped layout would otherwise load as a silently different model.
-    """
-    if not isinstance(entry, dict):
-        raise CmpqError(f"{name}: expected an object with the layer's shape, found {entry!r}")
-    for key in ("out_features", "in_features"):
-        value = entry.get(key)
-        if not _is_int(value) or value <= 0:
-            raise CmpqError(f"{name}: {key} must be a positive integer, found {value!r}")
-    layout = entry.get("layout")
-    if layout not in LAYOUTS:
-        raise CmpqError(f"{name}: layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
-    if config_layout is not None and layout != config_layout:
-        raise CmpqError(f"{name}: layout {layout!r} differs from config.layout {config_layout!r}")
-    if not isinstance(entry.get("bias"), bool):
-        raise CmpqError(f"{name}: bias must be true or false, found {entry.get('bias')!r}")
-
-
-def check_target(name: str, entry: dict, module: nn.Module | None) -> None:
-    """The listed layer is a linear of the model ``config.json`` builds, of the listed
-    shape and bias (so the tensors checked against the entry fit the model)."""
-    if module is None or not is_linear(module):
+def check_target(name: str, entry: dict, target: LinearTarget | None) -> None:
+    """The listed layer is a linear of the model ``config.json`` builds (``target``,
+    ``None`` when it is not), of the listed shape and bias, so the tensors checked
+    against the entry fit the model."""
+    if target is None:
         raise CmpqError(f"{name}: listed in the description but not a linear layer of the model")
-    found = tuple(weight_matrix(module).shape)
+    found = (target.out_features, target.in_features)
     listed = (entry["out_features"], entry["in_features"])
     if found != listed:
         raise CmpqError(
             f"{name}: the description lists {listed[0]}x{listed[1]} but the model's layer is "
             f"{found[0]}x{found[1]}"
         )
-    if (module.bias is not None) != entry["bias"]:
+    if target.bias != entry["bias"]:
         raise CmpqError(
             f"{name}: the description lists bias {str(entry['bias']).lower()} but the model's "
-            "layer "
-            f"{'has' if module.bias is not None else 'has no'} bias"
+            f"layer {'has' if target.bias else 'has no'} bias"
         )
 
 
@@ -122,9 +71,9 @@ def check_layer_tensors(
     in_features: int,
     layout: str,
 ) -> None:
-    """One quantized layer's stored tensors (``lutquant.to_tensors``) against its shape.
+    """One quantized layer's stored tensors (``cmpq.format.layer.to_tensors``) against its shape.
 
-    Afterwards every gather and scatter of ``lutquant.from_tensors`` and
+    Afterwards every gather and scatter of ``from_tensors`` and
     ``dequantize_layer`` stays in range and every table entry is finite.
     """
     _check_present(name, tensors)
@@ -256,15 +205,15 @@ def _check_outliers(
 def check_totals(description: dict, stored: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """The bit totals the description declares are what the stored tensors hold.
 
-    They are recomputed the way the quantizer's report computed them (same
-    :class:`QuantizationReport` arithmetic over ``lutquant.stored_bits``), so a
-    hand-edited total, or tensors swapped in from another run, is refused.
+    They are recomputed the way the quantizer's report computed them (the same
+    :class:`StoredTotals` arithmetic over :func:`stored_bits`), so a hand-edited
+    total, or tensors swapped in from another run, is refused.
     """
-    report = QuantizationReport(method="", config={})
+    totals = StoredTotals()
     for name, tensors in stored.items():
         entry = description["layers"][name]
-        report.add_layer(entry["out_features"] * entry["in_features"], stored_bits(tensors))
-    actual = report.stored_dict()
+        totals.add_layer(entry["out_features"] * entry["in_features"], stored_bits(tensors))
+    actual = totals.totals_dict()
     for field in TOTAL_FIELDS:
         if not _agrees(description.get(field), actual[field]):
             raise CmpqError(
@@ -282,8 +231,8 @@ def _agrees(declared: object, actual: object) -> bool:
             and all(_agrees(declared[key], actual[key]) for key in actual)
         )
     if isinstance(actual, int):
-        return _is_int(declared) and declared == actual
-    return (_is_int(declared) or isinstance(declared, float)) and math.isclose(
+        return is_json_int(declared) and declared == actual
+    return (is_json_int(declared) or isinstance(declared, float)) and math.isclose(
         declared, actual, rel_tol=1e-9
     )
 
@@ -327,19 +276,27 @@ def check_unquantized(
             raise CmpqError(f"{key}: missing from the weights file")
 
 
-def read_checked_layers(handle, model: nn.Module, description: dict) -> dict[str, dict]:
+def read_checked_layers(
+    handle,
+    description: dict,
+    targets: Mapping[str, LinearTarget],
+    state: Mapping[str, torch.Tensor],
+    tied: Mapping[str, str] | None = None,
+) -> dict[str, dict]:
     """Read every quantized layer's tensors from the open safetensors ``handle`` and run
-    all the checks against ``model`` (built from ``config.json``, not yet loaded).
+    all the checks against the model ``config.json`` builds (not yet loaded):
+    ``targets`` are its linear layers by name, ``state`` its
+    ``state_dict(keep_vars=True)``, ``tied`` its tied names (see
+    :func:`check_unquantized`).
 
     Returns the checked tensors by layer name. Other tensors are only inspected
-    (dtype and shape); ``safetensors.torch.load_model`` loads them afterwards.
+    (dtype and shape); transformers loads them afterwards.
     """
     layers = description["layers"]
-    modules = dict(model.named_modules())
     keys = set(handle.keys())
     stored = {}
     for name, entry in layers.items():
-        check_target(name, entry, modules.get(name))
+        check_target(name, entry, targets.get(name))
         tensors = {
             key: handle.get_tensor(f"{name}.{key}")
             for key in STORED_NAMES
@@ -351,11 +308,10 @@ def read_checked_layers(handle, model: nn.Module, description: dict) -> dict[str
     check_totals(description, stored)
     quantized = {f"{name}.{key}" for name, tensors in stored.items() for key in tensors}
     replaced = {f"{name}.weight" for name in layers}
-    state = model.state_dict(keep_vars=True)
     expected = {key: t for key, t in state.items() if key not in replaced}
     specs = {}
     for key in sorted(keys - quantized):
         tensor = handle.get_slice(key)
         specs[key] = (tensor.get_dtype(), tensor.get_shape())
-    check_unquantized(expected, specs, getattr(model, "all_tied_weights_keys", None))
+    check_unquantized(expected, specs, tied)
     return stored

@@ -11,31 +11,28 @@ matrix, and every row runs in the same tensor ops, so a whole weight matrix is q
 Python loop over rows.  Lloyd's updates keep the centroids sorted (each cluster is an interval
 between midpoints, and its mean stays inside it); we re-sort anyway to be robust to rounding.
 
-Lloyd's algorithm alone is a poor local optimiser here: on heavy-tailed rows (LLM weights) with
-heavy-tailed weights (activation energies) its fixed points are often 10-400 % above the optimum
-(quantile seeds all sit in the bulk, outliers get lumped together, and a heavy value just past a
-midpoint pins it; from quantile seeds, 5-8 bit tables of smollm2-135m's weight columns ended 2-93x
-above what the search below finds).  The default seeds therefore follow the high-rate optimal
-point density ``p^(1/3)`` (``init="companded"``), which removes most of that gap for large k, and
-by default Lloyd is followed by a local search over the partition in sorted
-order (``refine=True``): exact coordinate descent on single cluster boundaries plus
-merge-two-runs/split-another moves, scored in O(1) per candidate from prefix sums.  On such data
-it lowered the error by 10 % (k = 4) to 3.5x (k = 16) for 2-5x Lloyd's time in our synthetic
-checks, is exact for ``k = 2``, and lands within a few percent (typically 1-2 %) of the exact
-dynamic-programming optimum on average, though single rows can stay 10-40 % above it.
+Lloyd's algorithm alone is a poor local optimiser here: on heavy-tailed rows (LLM weights) its
+fixed points can sit far above the optimum (quantile seeds all sit in the bulk, outliers get
+lumped together, and a heavy value just past a midpoint pins it).  The default seeds therefore
+follow the high-rate optimal point density ``p^(1/3)`` (``init="companded"``), and by default
+Lloyd is followed by a local search over the partition in sorted order (``refine=True``): exact
+coordinate descent on single cluster boundaries plus merge-two-runs/split-another moves, scored
+in O(1) per candidate from prefix sums; it is exact for ``k = 2``.  On the weight columns of one
+smollm2-135m block (``benchmarks/results/kmeans-smollm2-135m.md``), Lloyd from quantile seeds
+ends 1.0-1.6x above the best fit found at 2-4 bits and 2.1-93x above it at 5-8 bits; from
+companded seeds 1.00-1.40x; the search closes the rest.
 
 Empty clusters are re-seeded deterministically: an empty centroid is moved onto the value with
 the largest weighted squared error in its row (the r-th empty cluster of a row takes the r-th
 largest error).  That strictly lowers the objective, whereas keeping a stale centroid would waste
 a table entry, which at 2-3 bits is a large share of the table.
 
-Each row is sorted once.  In 1-D a Lloyd cluster is the run of sorted values between two
-midpoints, so an iteration only needs the k-1 midpoints' positions in the sorted row
-(``searchsorted`` of k-1 midpoints into N values, O(k log N)) and the runs' weighted sums from
-float64 prefix sums, instead of assigning all N values; on smollm2-135m's layers this made the
-table fits several times faster.  The prefix sums are centred on the row's weighted mean, so the
-float64 run means stay accurate when a row's values sit far from zero; the refinement uses the
-same sums (about 150 bytes of temporaries per value: chunk the rows of very large matrices).
+Each row is sorted once. In 1-D a Lloyd cluster is the run of sorted values between two midpoints,
+so an iteration only needs the k-1 midpoints' positions in the sorted row (``searchsorted`` of k-1
+midpoints into N values, O(k log N)) and the runs' weighted sums from float64 prefix sums, instead
+of assigning all N values. The prefix sums are centred on the row's weighted mean, so the float64
+run means stay accurate when a row's values sit far from zero; the refinement uses the same sums
+(about 150 bytes of temporaries per value: chunk the rows of very large matrices).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import cut_windows, load_text
-from .models import needs_bos
+from ..calib.text import cut_windows, load_text
+from ..errors import CmpqError
+from ..models.conventions import context_length, needs_bos
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,17 @@ class PerplexityResult:
             f"{self.model}: perplexity {self.ppl:.4f} on {self.dataset} "
             f"({self.windows} x {self.seqlen} tokens, {self.tokens} predicted, "
             f"{self.seconds:.1f} s)"
+        )
+
+
+def check_window(model, seqlen: int) -> None:
+    """Refuse a window longer than the model's context: past it the positions are
+    ones the model never saw (or does not have), and the result means nothing."""
+    limit = context_length(model)
+    if limit is not None and seqlen > limit:
+        raise CmpqError(
+            f"`seqlen` {seqlen} is longer than the model's context ({limit} tokens); "
+            f"use a `seqlen` of at most {limit}"
         )
 
 
@@ -63,6 +75,7 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``dataset`` (a built-in name or a text file path)."""
+    check_window(model, seqlen)
     start = time.perf_counter()
     text = load_text(dataset)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

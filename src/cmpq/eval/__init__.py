@@ -1,0 +1,1 @@
+"""Evaluation of a (quantized) model: perplexity and generation."""

@@ -1,0 +1,144 @@
+"""One quantized linear in memory (:class:`LUTLayer`) and as stored tensors.
+
+Columns (input channels) are permuted so channels of equal width are
+contiguous ("bit-groups", narrowest first). Each bit-group has look-up tables
+of ``2**bits`` fp16 entries: one per output row (``row`` layout) or one per
+input column (``column`` layout). Outliers are kept exactly in fp16 as a CSR
+matrix over the original columns. docs/format.md lists every stored tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack_groups, unpack_groups
+from .spec import stored_dtypes
+
+
+@dataclass
+class LUTLayer:
+    """One quantized linear: codes per bit-group, tables, permutation, outliers.
+
+    ``perm[k]`` is the original column stored at position ``k``; group ``g``
+    holds stored columns ``offsets[g]:offsets[g + 1]``. Codes are kept
+    unpacked (uint8) in memory and packed only for storage.
+    """
+
+    out_features: int
+    in_features: int
+    layout: str
+    group_bits: list[int]
+    group_sizes: list[int]
+    perm: torch.Tensor  # [in] int64
+    codes: list[torch.Tensor]  # per group: [out, n_g] uint8
+    luts: list[torch.Tensor]  # per group: row [out, 2^b] / column [n_g, 2^b], fp16
+    outlier_rows: torch.Tensor  # [n] int64, sorted with cols
+    outlier_cols: torch.Tensor  # [n] int64 (original column index)
+    outlier_values: torch.Tensor  # [n] fp16
+
+    @property
+    def offsets(self) -> list[int]:
+        return group_offsets(self.group_sizes)
+
+
+def group_offsets(group_sizes: list[int]) -> list[int]:
+    """Where each bit-group starts among the permuted columns, plus the end."""
+    return [0, *itertools.accumulate(group_sizes)]
+
+
+def groups_of(bits_per_channel: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The bit widths present (ascending) and how many channels have each."""
+    widths, counts = torch.unique(bits_per_channel, return_counts=True)
+    return [int(w) for w in widths], [int(c) for c in counts]
+
+
+def storage_order(bits_per_channel: torch.Tensor):
+    """Bit-group widths and sizes, the column permutation, and the group offsets."""
+    group_bits, group_sizes = groups_of(bits_per_channel)
+    perm = torch.argsort(bits_per_channel, stable=True)
+    return group_bits, group_sizes, perm, group_offsets(group_sizes)
+
+
+def group_dequantize(codes: torch.Tensor, table: torch.Tensor, layout: str) -> torch.Tensor:
+    """One bit-group's ``[out, n_g]`` float32 values from its codes and tables."""
+    if layout == "row":
+        return table.float().gather(1, codes.long())
+    return table.float().gather(1, codes.t().long()).t()
+
+
+def assemble(shape, perm, offsets, codes, luts, layout) -> torch.Tensor:
+    """The ``[out, in]`` float32 weight the tables give, in the original column
+    order (outliers not applied)."""
+    permuted = torch.empty(shape, dtype=torch.float32)
+    for g, (code, table) in enumerate(zip(codes, luts, strict=True)):
+        permuted[:, offsets[g] : offsets[g + 1]] = group_dequantize(code, table, layout)
+    weight = torch.empty(shape, dtype=torch.float32)
+    weight[:, perm] = permuted
+    return weight
+
+
+def dequantize_layer(layer: LUTLayer) -> torch.Tensor:
+    """The ``[out, in]`` float32 weight the stored tensors represent."""
+    shape = (layer.out_features, layer.in_features)
+    weight = assemble(shape, layer.perm, layer.offsets, layer.codes, layer.luts, layer.layout)
+    weight[layer.outlier_rows, layer.outlier_cols] = layer.outlier_values.float()
+    return weight
+
+
+def to_tensors(layer: LUTLayer) -> dict[str, torch.Tensor]:
+    """The tensors stored for this layer (packed codes, tables, metadata, CSR outliers)."""
+    dtypes = stored_dtypes(layer.in_features)
+    tensors = {
+        "codes": pack_groups([c.flatten() for c in layer.codes], layer.group_bits),
+        "lut": torch.cat([t.flatten() for t in layer.luts]).to(dtypes["lut"]),
+        "perm": layer.perm.to(dtypes["perm"]),
+        "group_bits": torch.tensor(layer.group_bits, dtype=dtypes["group_bits"]),
+        "group_sizes": torch.tensor(layer.group_sizes, dtype=dtypes["group_sizes"]),
+    }
+    if layer.outlier_values.numel():
+        counts = torch.bincount(layer.outlier_rows, minlength=layer.out_features)
+        crow = torch.zeros(layer.out_features + 1, dtype=dtypes["outlier_crow"])
+        crow[1:] = counts.cumsum(0)
+        tensors["outlier_crow"] = crow
+        tensors["outlier_cols"] = layer.outlier_cols.to(dtypes["outlier_cols"])
+        tensors["outlier_values"] = layer.outlier_values.to(dtypes["outlier_values"])
+    return tensors
+
+
+def from_tensors(
+    tensors: dict[str, torch.Tensor], out_features: int, in_features: int, layout: str
+) -> LUTLayer:
+    """Rebuild a layer from its stored tensors (inverse of :func:`to_tensors`)."""
+    group_bits = [int(b) for b in tensors["group_bits"]]
+    group_sizes = [int(n) for n in tensors["group_sizes"]]
+    flat = unpack_groups(tensors["codes"], group_bits, [out_features * n for n in group_sizes])
+    codes = [c.reshape(out_features, n) for c, n in zip(flat, group_sizes, strict=True)]
+    luts, start = [], 0
+    for bits, size in zip(group_bits, group_sizes, strict=True):
+        rows = out_features if layout == "row" else size
+        luts.append(tensors["lut"][start : start + rows * 2**bits].reshape(rows, 2**bits))
+        start += rows * 2**bits
+    if "outlier_values" in tensors:
+        counts = tensors["outlier_crow"].long().diff()
+        rows = torch.repeat_interleave(torch.arange(out_features), counts)
+        cols = tensors["outlier_cols"].long()
+        values = tensors["outlier_values"]
+    else:
+        rows = cols = torch.zeros(0, dtype=torch.int64)
+        values = torch.zeros(0, dtype=torch.float16)
+    return LUTLayer(
+        out_features,
+        in_features,
+        layout,
+        group_bits,
+        group_sizes,
+        tensors["perm"].long(),
+        codes,
+        luts,
+        rows,
+        cols,
+        values,
+    )

@@ -1,0 +1,133 @@
+"""Quantized models to output directories and back.
+
+Two formats (the description's field ``format``; every field in docs/format.md):
+
+- ``packed`` (CMPQ): ``model.safetensors`` holds, for every quantized linear,
+  only its stored tensors and, for everything else, the original parameters
+  in fp16; ``config.json`` carries the description as ``quantization_config``,
+  so that ``AutoModelForCausalLM.from_pretrained`` loads it once cmpq is
+  imported (:mod:`cmpq.runtime.hf`). Beside it, ``channel_stats.safetensors``
+  holds the float32 per-input-channel activation statistic that drove the
+  allocation (informational: ``cmpq inspect`` draws it; never loaded with the
+  model, never counted in its bits);
+- ``dequantized`` (RTN): a Hugging Face checkpoint holding the de-quantized
+  weights, plus ``cmpq.json`` with the description.
+
+Writing goes through :func:`cmpq.format.checkpoint.staged_directory`: checked,
+sized against the free space, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CmpqError
+from ..format.checkpoint import check_free_space, packed_state_dict, staged_directory
+from ..format.description import cmpq_quantization_config, read_description
+from ..format.spec import DESCRIPTION_FILE, FORMAT_VERSION, QUANT_METHOD, STATS_FILE, WEIGHTS_FILE
+from ..models.sources import LOAD_ERRORS, load_checkpoint
+from .hf import tied_keys
+from .qlinear import QuantizedLinear
+
+
+def quantized_layers(model) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def dense_checkpoint_bytes(model) -> int:
+    """What ``save_pretrained`` writes for the model's weights, about."""
+    return _nbytes(model.state_dict())
+
+
+def save_quantized(model, tokenizer, report, out: Path, overwrite: bool = False) -> Path:
+    """Write a quantized ``model`` (with its ``tokenizer`` and the
+    :class:`~cmpq.quant.report.QuantizationReport` ``report``) to ``out``."""
+    out = Path(out)
+    quantized = quantized_layers(model)
+    if not quantized:
+        return _save_dequantized(model, tokenizer, report, out, overwrite)
+    tensors = packed_state_dict(model.state_dict(), tied_keys(model))
+    stats = {
+        name: statistic.float().contiguous()
+        for name, statistic in report.channel_statistics.items()
+        if name in quantized
+    }
+    check_free_space(out, _nbytes(tensors) + _nbytes(stats))
+    layers = {
+        name: {
+            "out_features": m.out_features,
+            "in_features": m.in_features,
+            "layout": m.layout,
+            "bias": m.bias is not None,
+        }
+        for name, m in quantized.items()
+    }
+    description = {
+        "format_version": FORMAT_VERSION,
+        "format": "packed",
+        **report.stored_dict(),
+        "layers": layers,
+    }
+    config = copy.deepcopy(model.config)  # the model itself stays unchanged
+    config.quantization_config = {"quant_method": QUANT_METHOD, **description}
+    with staged_directory(out, overwrite) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), {"format": "cmpq"})
+        if stats:
+            save_file(stats, str(staging / STATS_FILE))
+        config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return out
+
+
+def _save_dequantized(model, tokenizer, report, out: Path, overwrite: bool) -> Path:
+    check_free_space(out, dense_checkpoint_bytes(model))
+    description = {
+        "format_version": FORMAT_VERSION,
+        "format": "dequantized",
+        **report.stored_dict(),
+    }
+    with staged_directory(out, overwrite) as staging:
+        model.save_pretrained(staging)
+        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        tokenizer.save_pretrained(staging)
+    return out
+
+
+def load_quantized(path: Path):
+    """Load a cmpq output directory as ``(model, tokenizer)``."""
+    path = Path(path)
+    description = read_description(path)
+    if description.get("format") != "packed":
+        return load_checkpoint(str(path), {})
+    return _load_packed(path)
+
+
+def _load_packed(path: Path):
+    """Load through ``AutoModelForCausalLM.from_pretrained``: the quantizer cmpq
+    registers (:mod:`cmpq.runtime.hf`) checks the stored tensors and builds the modules."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # a packed description anywhere else (a hand-made cmpq.json) would let transformers
+    # build the plain model with random linears
+    if not cmpq_quantization_config(path):
+        raise CmpqError(f"{path}/config.json has no cmpq quantization_config")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except CmpqError as exc:
+        raise CmpqError(f"{path} is not a readable cmpq checkpoint: {exc}") from None
+    except LOAD_ERRORS as exc:  # missing, truncated or garbled files
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CmpqError(f"{path} is not a readable cmpq checkpoint: {first}") from None
+    return model.eval(), tokenizer
