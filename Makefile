@@ -42,6 +42,7 @@ bench-peers: $(BENCH_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build src/*.egg-info

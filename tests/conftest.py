@@ -1,96 +1,26 @@
-"""Shared fixtures: tiny random-weight models of each architecture, a tiny tokenizer."""
+"""Shared fixtures: tiny random-weight models of each architecture, a tiny tokenizer
+(built by :mod:`tiny`), and the test-run settings."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    PhiConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from hypothesis import settings
 
-VOCAB = 320
-HIDDEN = 64
+from tiny import ARCHITECTURES, TRAINING_TEXT, make_tiny_model, make_tiny_tokenizer
+
+# CI runs the property tests derandomized (the same examples every run); elsewhere they
+# explore. `.ci/run` sets HYPOTHESIS_PROFILE=ci.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-def _tiny_configs() -> dict:
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4)
-    return {
-        "llama": LlamaConfig(
-            **common, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2
-        ),
-        "mistral": MistralConfig(
-            **common, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2
-        ),
-        "qwen2": Qwen2Config(
-            **common, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2
-        ),
-        "gemma3": Gemma3TextConfig(
-            **common,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=16,
-        ),
-        "phi": PhiConfig(**common, intermediate_size=96, num_hidden_layers=2),
-        "opt": OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            num_attention_heads=4,
-            ffn_dim=96,
-            num_hidden_layers=2,
-            word_embed_proj_dim=HIDDEN,
-        ),
-        "gpt2": GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=HIDDEN,
-            n_head=4,
-            n_layer=2,
-            n_positions=256,
-            bos_token_id=0,
-            eos_token_id=1,
-        ),
-    }
-
-
-ARCHITECTURES = tuple(_tiny_configs())
-
-# Linears per block: attention q,k,v,o + MLP (gate, up, down or fc1, fc2).
-EXPECTED_LINEARS_PER_BLOCK = {
-    "llama": 7,
-    "mistral": 7,
-    "qwen2": 7,
-    "gemma3": 7,
-    "phi": 6,
-    "opt": 6,
-    "gpt2": 4,
-}
-
-
-def make_tiny_model(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_tiny_configs()[arch], dtype=torch.float32)
-    return model.eval()
-
-
-def quantize_tiny(arch: str = "qwen2"):
-    """A tiny model CMPQ-quantized at 3.3 bits (two bit-groups per layer, outliers):
-    the same model, data, options and seed on every call. Returns ``(model, report)``."""
-    from cmpq.config import CMPQConfig
-    from cmpq.quant.pipeline import quantize
-
-    model = make_tiny_model(arch)
-    batch = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
-    config = CMPQConfig(bits=3.3, kmeans_iters=5)
-    return model, quantize(model, config, calibration=batch, progress=False)
+@pytest.fixture(autouse=True)
+def seeded_global_rng():
+    """Every test starts from the same global random state, whatever ran before it."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(params=ARCHITECTURES)
@@ -98,27 +28,10 @@ def tiny_model(request):
     return request.param, make_tiny_model(request.param)
 
 
-TRAINING_TEXT = (
-    "The quick brown fox jumps over the lazy dog. Quantization stores weights in few bits. "
-    "Channels with large activations get more bits than the others. "
-) * 20
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE trained in milliseconds, with BOS and EOS tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator([TRAINING_TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>")
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,16 @@ BAD_INPUTS = [
     ),
     (["quantize", "{tiny}", "--damp", "0", "--out", "{out}"], "--damp must be in (0, 1]"),
     (["quantize", "{tiny}", "--out", "{nonempty}"], "not empty; pass --overwrite"),
-]
+    (["quantize", "{tiny}", "--out", "/proc/forbidden/out"], "cannot be written"),
+    (["quantize", "{tiny}", "--method", "rtn", "--layout", "row", "--out", "{out}"],
+     "--layout applies to --method cmpq only"),
+    (["quantize", "{tiny}", "--include-lm-head", "--out", "{out}"],
+     "--include-lm-head applies to --method rtn only"),
+    (["quantize", "{tiny}", "--allocation", "rd", "--layout", "row", "--out", "{out}"],
+     "--allocation rd prices each input column alone: use --layout column"),
+    (["eval", "{tiny}", "--seqlen", "100000"],
+     "--seqlen 100000 is longer than the model's context"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
@@ -214,3 +224,115 @@ def test_max_size_and_bits_together_are_refused(capsys, tmp_path, tiny_checkpoin
         "--out", str(tmp_path / "o"),
     )  # fmt: skip
     assert code == 2 and "replaces --bits" in err
+
+
+def test_an_unwritable_out_fails_before_the_model_loads(capsys, monkeypatch, tiny_checkpoint):
+    def never(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cmpq.cli.load_model", never)
+    code, _, err = run_cli(capsys, "quantize", str(tiny_checkpoint), "--out", "/proc/forbidden")
+    assert code == 2 and "cannot be written" in err
+
+
+def test_too_little_disk_fails_before_quantizing(capsys, monkeypatch, tmp_path, tiny_checkpoint):
+    import shutil
+
+    def never(*args, **kwargs):
+        raise AssertionError("quantization ran")
+
+    usage = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr("cmpq.format.checkpoint.shutil.disk_usage", lambda path: usage)
+    monkeypatch.setattr("cmpq.cli.quantize", never)
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "quantize", str(tiny_checkpoint), "--out", str(out))
+    assert code == 2
+    assert "0.0 MB free, the output needs about" in err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_a_disk_that_fills_up_while_writing_leaves_nothing(
+    capsys, monkeypatch, tmp_path, tiny_checkpoint
+):
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr("cmpq.runtime.checkpoint.save_file", full_disk)
+    out = tmp_path / "q"
+    code, _, err = run_cli(
+        capsys, "quantize", str(tiny_checkpoint), "--bits", "3", "--calib-samples", "2",
+        "--calib-seqlen", "16", "--out", str(out),
+    )  # fmt: skip
+    assert code == 2
+    assert "--out " in err and "the disk filled up while writing; nothing was written" in err
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+
+
+def test_every_config_field_is_an_option_and_the_defaults_are_the_configs(tiny_checkpoint):
+    import dataclasses
+
+    from cmpq.cli import build_parser, config_from_args
+    from cmpq.config import CMPQConfig, RTNConfig
+
+    parser = build_parser()
+    text = parser._subparsers._group_actions[0].choices["quantize"].format_help()
+    for config in (CMPQConfig, RTNConfig):
+        for field in dataclasses.fields(config):
+            flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+            assert flag in text, flag
+    for method, config in (("cmpq", CMPQConfig()), ("rtn", RTNConfig())):
+        args = parser.parse_args(["quantize", "m", "--out", "o", "--method", method])
+        assert config_from_args(args) == config
+    args = parser.parse_args(
+        ["quantize", "m", "--out", "o", "--integer-only", "--no-error-feedback", "--bits", "3"]
+    )
+    assert config_from_args(args) == CMPQConfig(bits=3.0, mixed=False, error_feedback=False)
+    args = parser.parse_args(["quantize", "m", "--out", "o", "--method", "rtn", "--bits", "4",
+                              "--group-size", "channel"])  # fmt: skip
+    assert config_from_args(args) == RTNConfig(bits=4, group_size=None)
+
+
+def test_library_messages_name_parameters_and_the_cli_prints_flags():
+    from cmpq.cli import in_cli_words
+    from cmpq.config import CMPQConfig
+    from cmpq.errors import CmpqError
+
+    with pytest.raises(CmpqError) as caught:
+        CMPQConfig(outliers_act=0.5)
+    assert str(caught.value).startswith("`outliers_act` must be a fraction")
+    assert in_cli_words(str(caught.value)).startswith("--outliers-act must be a fraction")
+    assert (
+        in_cli_words("`bits` 3 is 3 total bits; `stats` too")
+        == "--bits 3 is 3 total bits; stats too"
+    )
+
+
+def test_demo_on_a_tiny_model(capsys, tiny_checkpoint, text_file):
+    code, stdout, err = run_cli(
+        capsys, "demo", "--model", str(tiny_checkpoint), "--dataset", str(text_file),
+        "--seqlen", "16", "--windows", "4", "--bits", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.rsplit(maxsplit=3)
+        if len(parts) == 4 and parts[0] in (
+            "full precision (fp32)",
+            "RTN 3-bit g64",
+            "CMPQ 3 bits",
+        ):
+            rows[parts[0]] = [float(value) for value in parts[1:]]
+    assert set(rows) == {"full precision (fp32)", "RTN 3-bit g64", "CMPQ 3 bits"}
+    assert rows["full precision (fp32)"][0] == 32.0
+    # 3-bit codes + 32 bits per group of 64: 3.53 on these layers (down_proj's 96-wide rows
+    # end in a partial group, counted whole)
+    assert rows["RTN 3-bit g64"][0] == 3.53
+    assert 2.9 <= rows["CMPQ 3 bits"][0] <= 3.0
+    for _, megabytes, ppl in rows.values():
+        assert ppl > 1 and megabytes > 0
+    assert "demo took" in stdout

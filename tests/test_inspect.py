@@ -29,7 +29,8 @@ from cmpq.inspection import (
 from cmpq.quant.pipeline import quantize
 from cmpq.runtime.checkpoint import load_quantized, save_quantized
 from cmpq.runtime.qlinear import QuantizedLinear
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model, tiny_batch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,7 +40,7 @@ def saved(tmp_path_factory, tiny_tokenizer):
     """A tiny Qwen2 quantized by the paper rule (two widths per layer, the wide
     ones to the loudest channels), saved; the model stays in memory."""
     model = make_tiny_model("qwen2")
-    batch = torch.randint(0, 300, (4, 24))
+    batch = tiny_batch(4, 24)
     config = CMPQConfig(bits=3.3, kmeans_iters=5, **PAPER_METHOD)
     report = quantize(model, config, calibration=batch, progress=False)
     out = save_quantized(model, tiny_tokenizer, report, tmp_path_factory.mktemp("q") / "q")
@@ -153,7 +154,7 @@ def test_loading_does_not_need_the_statistics(tmp_path, saved):
     copy = shutil.copytree(out, tmp_path / "q")
     (copy / STATS_FILE).unlink()
     loaded, _ = load_quantized(copy)
-    x = torch.randint(0, 300, (1, 8))
+    x = tiny_batch(1, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
     assert all(layer.activation is None for layer in inspect_output(copy).layers)

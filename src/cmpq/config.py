@@ -57,9 +57,7 @@ def check_rtn_options(bits: int, group_size: int | None) -> None:
             f"`bits` must be an integer from {RTN_MIN_BITS} to {RTN_MAX_BITS} for RTN (got {bits})"
         )
     if group_size is not None and group_size <= 0:
-        raise CmpqError(
-            f"`group_size` must be a positive number of columns (got {group_size})"
-        )
+        raise CmpqError(f"`group_size` must be a positive number of columns (got {group_size})")
 
 
 # The CMPQ paper's method, as the defaults were before rd-layer allocation and

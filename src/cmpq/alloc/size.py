@@ -30,9 +30,7 @@ def parse_size(text: str) -> int:
     """``"60MB"``, ``"600MiB"``, ``"1.5GB"`` or a plain byte count, as bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise CmpqError(
-            f"`max_size` must be a size such as 60MB, 600MiB or 1.5GB (got {text!r})"
-        )
+        raise CmpqError(f"`max_size` must be a size such as 60MB, 600MiB or 1.5GB (got {text!r})")
     number, unit = float(match.group(1)), (match.group(2) or "").upper()
     size = int(number * UNITS[unit])
     if size <= 0:

@@ -42,13 +42,9 @@ class GenerationResult:
 def check_generation_options(max_new_tokens: int, temperature: float) -> None:
     """Fail fast (before any model loads) on options generate would reject."""
     if max_new_tokens < 1:
-        raise CmpqError(
-            f"`max_new_tokens` must be at least 1, got {max_new_tokens}"
-        )
+        raise CmpqError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:
-        raise CmpqError(
-            f"`temperature` must be 0 (greedy) or positive, got {temperature}"
-        )
+        raise CmpqError(f"`temperature` must be 0 (greedy) or positive, got {temperature}")
 
 
 def prompt_ids(tokenizer, model, prompt: str) -> torch.Tensor:

@@ -40,9 +40,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CmpqError(f"`out` {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CmpqError(
-            f"`out` {out} exists and is not empty; pass `overwrite` to replace it"
-        )
+        raise CmpqError(f"`out` {out} exists and is not empty; pass `overwrite` to replace it")
     where = _existing_ancestor(out.parent)
     if not where.is_dir():
         raise CmpqError(f"`out` {out} cannot be written: {where} is not a directory")

@@ -177,13 +177,8 @@ def checkpoint_complete(path: Path) -> bool:
 
 
 def alias_checkpoint(name: str) -> Path:
-    """A plain safetensors checkpoint of alias ``name``, converted once from its GGUF.
-
-    transformers de-quantizes the GGUF to fp32 on every load (tens of seconds),
-    and refuses ``save_pretrained`` on the GGUF-loaded model, so the weights are
-    copied into a fresh model built from the config and saved from there. A
-    conversion that is incomplete is done again.
-    """
+    """A plain safetensors checkpoint of alias ``name``, converted once from its GGUF
+    (converted again when the cached conversion is incomplete)."""
     target = cache_dir() / name / "hf"
     if checkpoint_complete(target):
         return target
@@ -194,9 +189,19 @@ def alias_checkpoint(name: str) -> Path:
             stacklevel=2,
         )
         shutil.rmtree(target)
+    convert_gguf(fetch_gguf(name, verify=True), target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Write the GGUF's model as a plain safetensors checkpoint at ``target``, atomically.
+
+    transformers de-quantizes a GGUF to fp32 on every load (tens of seconds),
+    and refuses ``save_pretrained`` on the GGUF-loaded model, so the weights are
+    copied into a fresh model built from the config and saved from there.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = fetch_gguf(name, verify=True)
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -207,12 +212,12 @@ def alias_checkpoint(name: str) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         staging = Path(scratch) / "hf"
         fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.replace(target)
-    return target
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

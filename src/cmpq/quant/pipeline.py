@@ -256,9 +256,7 @@ def quantize(
     if isinstance(config, CMPQConfig):
         if calibration is None and stats is None:
             if tokenizer is None:
-                raise CmpqError(
-                    "CMPQ needs `calibration` windows or a `tokenizer` to sample them"
-                )
+                raise CmpqError("CMPQ needs `calibration` windows or a `tokenizer` to sample them")
             calibration = calibration_batch(tokenizer, model, config)
         return quantize_cmpq(model, config, calibration, progress, stats, executor)
     raise TypeError(f"unsupported config type {type(config).__name__}")

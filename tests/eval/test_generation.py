@@ -1,6 +1,7 @@
 """Generation: greedy equals a hand-written argmax loop, sampling repeats with its seed,
 streaming prints exactly the continuation, and the CLI reports speed and memory."""
 
+import copy
 import json
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from cmpq.cli import main
 from cmpq.errors import CmpqError
 from cmpq.eval.generation import generate, prompt_ids
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model
 
 PROMPT = "The quick brown fox"
 
@@ -89,3 +91,30 @@ def test_cli_refuses_a_negative_temperature_before_loading(capsys):
     code = main(["generate", "/no/such/model", PROMPT, "--temperature", "-0.5"])
     err = capsys.readouterr().err
     assert code == 2 and "--temperature" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sampling_leaves_the_callers_random_state_alone(tiny_tokenizer):
+    model = make_tiny_model("qwen2")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    generate(model, tiny_tokenizer, PROMPT, max_new_tokens=4, temperature=1.0, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_pad_id_of_zero_is_the_pad_id(tiny_tokenizer, monkeypatch):
+    model = make_tiny_model("llama")
+    seen = {}
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        seen["pad"] = kwargs["pad_token_id"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    padded = copy.deepcopy(tiny_tokenizer)
+    padded.pad_token = padded.convert_ids_to_tokens(0)
+    assert padded.pad_token_id == 0 and padded.eos_token_id != 0
+    generate(model, padded, PROMPT, max_new_tokens=2)
+    assert seen["pad"] == 0
+    generate(model, tiny_tokenizer, PROMPT, max_new_tokens=2)  # no pad token: EOS stands in
+    assert seen["pad"] == tiny_tokenizer.eos_token_id

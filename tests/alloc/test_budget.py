@@ -17,7 +17,7 @@ def test_paper_rule_gives_the_top_channels_one_more_bit():
 
 @pytest.mark.parametrize("code_bits", [1.0, 1.5, 2.0, 2.2, 2.5, 3.3, 4.0, 7.9, 8.0])
 def test_groups_from_the_rule_match_the_allocation(code_bits):
-    statistic = torch.rand(576)
+    statistic = torch.rand(576, generator=torch.Generator().manual_seed(0))
     assert groups_of(paper_allocation(statistic, code_bits)) == paper_groups(576, code_bits, True)
 
 
@@ -69,11 +69,6 @@ def test_lagrangian_widths_match_brute_force_on_convex_channels():
         choice = lagrangian_widths(distortion, cost, budget)
         spent = cost.gather(1, choice.unsqueeze(1)).sum().item()
         got = distortion.gather(1, choice.unsqueeze(1)).sum().item()
-        feasible = [
-            sum(distortion[i, o].item() for i, o in enumerate(options))
-            for options in itertools.product(range(4), repeat=5)
-            if sum(cost[i, o].item() for i, o in enumerate(options)) <= budget
-        ]
         assert spent <= budget
         # optimal among allocations spending no more than it does
         assert (
@@ -85,7 +80,6 @@ def test_lagrangian_widths_match_brute_force_on_convex_channels():
             )
             + 1e-9
         )
-        assert got >= min(feasible) - 1e-9
 
 
 def test_rd_plan_lands_under_the_target_and_favours_costly_channels():

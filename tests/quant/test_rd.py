@@ -11,7 +11,8 @@ from cmpq.quant.executor import ThreadExecutor
 from cmpq.quant.pipeline import quantize
 from cmpq.quant.tables import column_distortions, quantize_layer
 from cmpq.runtime.qlinear import QuantizedLinear
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model, tiny_batch
 
 
 def test_column_distortions_fall_with_width_and_match_the_quantizer():
@@ -32,7 +33,7 @@ def test_column_distortions_fall_with_width_and_match_the_quantizer():
 
 
 def test_rd_allocation_quantizes_a_model_within_budget():
-    batch = torch.randint(0, 300, (3, 20))
+    batch = tiny_batch(3, 20)
     model = make_tiny_model("llama")
     stats = collect_stats(model, batch, gram=True)  # error feedback is on by default
     report = quantize(model, CMPQConfig(bits=5.0, allocation="rd", kmeans_iters=5), stats=stats)
@@ -83,7 +84,7 @@ def test_rd_layer_keeps_each_layer_within_its_paper_budget():
 
 
 def test_rd_layer_quantizes_a_model_within_budget():
-    batch = torch.randint(0, 300, (3, 20))
+    batch = tiny_batch(3, 20)
     model = make_tiny_model("qwen2")
     stats = collect_stats(model, batch, gram=True)
     config = CMPQConfig(bits=4.0, allocation="rd-layer", layout="column", kmeans_iters=5)
@@ -104,7 +105,7 @@ def test_thread_executor_keeps_the_order_of_its_items():
 
 
 def test_linears_quantized_side_by_side_equal_one_at_a_time():
-    batch = torch.randint(0, 300, (3, 20))
+    batch = tiny_batch(3, 20)
     stats = collect_stats(make_tiny_model("qwen2"), batch, gram=True)
     restored, previous = {}, torch.get_num_threads()
     try:

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from cmpq.eval.perplexity import perplexity, windows_nll
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model, tiny_batch
 
 
 def test_nll_matches_the_model_loss():
     model = make_tiny_model("llama")
-    batch = torch.randint(0, 300, (3, 12))
+    batch = tiny_batch(3, 12)
     total, count = windows_nll(model, batch, progress=False)
     assert count == 3 * 11
     with torch.no_grad():
@@ -41,3 +42,15 @@ def test_perplexity_result_fields(tiny_tokenizer, text_file):
     row = result.as_dict()
     assert set(row) >= {"ppl", "dataset", "seqlen", "windows", "tokens", "seconds", "model"}
     assert math.isfinite(row["ppl"]) and row["model"] == "tiny"
+
+
+def test_a_window_longer_than_the_context_is_refused(tiny_tokenizer, text_file):
+    from cmpq.errors import CmpqError
+
+    model = make_tiny_model("gpt2")  # n_positions 256
+    with pytest.raises(CmpqError, match="`seqlen` 257 is longer than the model's context"):
+        perplexity(model, tiny_tokenizer, str(text_file), seqlen=257, windows=1, progress=False)
+    result = perplexity(
+        model, tiny_tokenizer, str(text_file), seqlen=256, windows=1, progress=False
+    )
+    assert result.seqlen == 256

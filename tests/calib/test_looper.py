@@ -8,7 +8,8 @@ from cmpq.config import PAPER_METHOD, CMPQConfig
 from cmpq.models.graph import quantizable_linears
 from cmpq.quant.pipeline import quantize
 from cmpq.runtime.qlinear import QuantizedLinear
-from conftest import ARCHITECTURES, make_tiny_model
+
+from tiny import ARCHITECTURES, make_tiny_model, tiny_batch
 
 
 def test_channel_stats_accumulate_exactly():
@@ -30,7 +31,8 @@ def test_channel_stats_accumulate_exactly():
 
 
 def test_token_gram_is_the_full_product():
-    x = torch.randn(2, 7, 200)  # 200 channels: one full tile of 192 and a ragged one
+    # 200 channels: one full tile of 192 and a ragged one
+    x = torch.randn(2, 7, 200, generator=torch.Generator().manual_seed(0))
     flat = x.reshape(-1, 200).double()
     gram = token_gram(x)
     assert gram.dtype == torch.float64
@@ -44,7 +46,7 @@ def test_block_looper_sees_what_the_full_model_sees(arch, monkeypatch):
     on a full forward of one window at a time."""
     monkeypatch.setattr(looper, "WINDOWS_PER_FORWARD", 2)  # batches of 2 and 1
     model = make_tiny_model(arch)
-    batch = torch.randint(0, 300, (3, 20))  # longer than Gemma 3's sliding window of 16
+    batch = tiny_batch(3, 20)  # longer than Gemma 3's sliding window of 16
     stats = collect_stats(model, batch, gram=True)
     reference = {name: 0.0 for name in stats}
 
@@ -69,7 +71,7 @@ def test_block_looper_sees_what_the_full_model_sees(arch, monkeypatch):
 
 
 def test_sequential_calibration_changes_later_blocks_only():
-    batch = torch.randint(0, 300, (3, 20))
+    batch = tiny_batch(3, 20)
     results = {}
     for sequential in (False, True):
         model = make_tiny_model("llama")

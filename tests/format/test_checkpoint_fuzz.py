@@ -27,7 +27,8 @@ from cmpq.errors import CmpqError
 from cmpq.format.description import read_description, write_description
 from cmpq.format.spec import STORED_NAMES, WEIGHTS_FILE
 from cmpq.runtime.checkpoint import load_quantized, save_quantized
-from conftest import quantize_tiny
+
+from tiny import quantize_tiny
 
 SAME = "same"  # refused, or loads exactly the original model
 VALID = "valid"  # values changed inside their ranges: loads, with finite logits

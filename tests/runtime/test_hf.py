@@ -14,7 +14,8 @@ from cmpq.format.spec import FORMAT_VERSION
 from cmpq.quant.pipeline import quantize
 from cmpq.runtime.checkpoint import save_quantized
 from cmpq.runtime.qlinear import QuantizedLinear
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model, tiny_batch
 
 PROMPT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
 
@@ -22,7 +23,7 @@ PROMPT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
 @pytest.fixture(scope="module", params=["qwen2", "gemma3"])  # biases; tied embeddings
 def saved(request, tmp_path_factory, tiny_tokenizer):
     model = make_tiny_model(request.param)
-    batch = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    batch = tiny_batch(4, 24)
     report = quantize(
         model, CMPQConfig(bits=2.7, kmeans_iters=5), calibration=batch, progress=False
     )

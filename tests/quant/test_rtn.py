@@ -6,14 +6,14 @@ from cmpq.errors import CmpqError
 from cmpq.models.graph import quantizable_linears, weight_matrix
 from cmpq.quant.pipeline import quantize
 from cmpq.quant.rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("group_size", [32, 64, None])
 def test_round_trip_error_within_half_a_step(bits, group_size):
-    torch.manual_seed(bits)
-    weight = torch.randn(24, 128)
+    weight = torch.randn(24, 128, generator=torch.Generator().manual_seed(bits))
     quantized = rtn_quantize(weight, bits, group_size)
     restored = rtn_dequantize(quantized)
     step = quantized.scales.float().repeat_interleave(quantized.group_size, dim=1)[:, :128]
@@ -24,8 +24,7 @@ def test_round_trip_error_within_half_a_step(bits, group_size):
 
 
 def test_error_falls_with_bits_and_smaller_groups():
-    torch.manual_seed(0)
-    weight = torch.randn(64, 256)
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
 
     def mse(bits, group):
         return (rtn_dequantize(rtn_quantize(weight, bits, group)) - weight).pow(2).mean()
@@ -35,7 +34,7 @@ def test_error_falls_with_bits_and_smaller_groups():
 
 
 def test_grid_values_are_lossless():
-    codes = torch.randint(0, 8, (8, 96)).float()
+    codes = torch.randint(0, 8, (8, 96), generator=torch.Generator().manual_seed(0)).float()
     weight = codes * 0.25 - 1.0  # every group spans the full 3-bit grid 0..7
     weight[:, ::32] = -1.0
     weight[:, 1::32] = 0.75

@@ -6,7 +6,8 @@ import struct
 from cmpq.alloc.size import header_bytes
 from cmpq.format.spec import WEIGHTS_FILE
 from cmpq.runtime.checkpoint import save_quantized
-from conftest import make_tiny_model, quantize_tiny
+
+from tiny import make_tiny_model, quantize_tiny
 
 
 def written_header_bytes(path) -> int:

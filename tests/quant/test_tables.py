@@ -40,9 +40,7 @@ def test_each_channel_uses_at_most_its_table_size():
     weight, energy = _problem()
     bits = paper_allocation(energy, 2.5)
     restored = dequantize_layer(quantize_layer(weight, bits, energy))
-    for column in range(40):  # row layout: a row's channels of one width share 2**b values
-        assert restored[:, column].numel() > 0
-    for row in range(48):
+    for row in range(48):  # row layout: a row's channels of one width share 2**b values
         for width in (2, 3):
             values = restored[row, bits == width].unique()
             assert values.numel() <= 2**width
@@ -93,14 +91,14 @@ def test_more_bits_less_error_and_weighting_helps_heavy_channels():
 def test_quantized_linear_equals_dense_dequantized(bias):
     weight, energy = _problem()
     layer = quantize_layer(weight, paper_allocation(energy, 3.3), energy, q_outliers=5)
-    bias_tensor = torch.randn(48) if bias else None
+    bias_tensor = torch.randn(48, generator=torch.Generator().manual_seed(1)) if bias else None
     module = QuantizedLinear.from_layer(layer, bias_tensor)
     dense = torch.nn.Linear(40, 48, bias=bias)
     with torch.no_grad():
         dense.weight.copy_(dequantize_layer(layer))
         if bias:
             dense.bias.copy_(bias_tensor)
-    x = torch.randn(5, 7, 40)
+    x = torch.randn(5, 7, 40, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(module(x), dense(x))
     state = module.state_dict()
     assert sum(t.numel() * t.element_size() for n, t in state.items() if n != "bias") * 8 == sum(

@@ -11,7 +11,8 @@ from cmpq.quant.feedback import inverse_hessian_factor, quantize_layer_feedback
 from cmpq.quant.pipeline import quantize
 from cmpq.quant.tables import quantize_layer
 from cmpq.runtime.qlinear import QuantizedLinear
-from conftest import make_tiny_model
+
+from tiny import make_tiny_model, tiny_batch
 
 
 def _layer_problem(out=96, inp=64, tokens=2048, seed=0):
@@ -77,7 +78,7 @@ def test_feedback_layer_is_stored_like_any_other(layout):
 
 def test_gram_is_the_sum_of_input_outer_products():
     model = make_tiny_model("llama")
-    batch = torch.randint(0, 300, (2, 12))
+    batch = tiny_batch(2, 12)
     stats = collect_stats(model, batch, gram=True)
     reference = {name: 0 for name in stats}
 
@@ -100,7 +101,7 @@ def test_gram_is_the_sum_of_input_outer_products():
 
 
 def test_error_feedback_quantizes_a_model_within_budget():
-    batch = torch.randint(0, 300, (3, 20))
+    batch = tiny_batch(3, 20)
     results = {}
     for feedback in (False, True):
         model = make_tiny_model("qwen2")
@@ -117,6 +118,34 @@ def test_error_feedback_quantizes_a_model_within_budget():
 
 def test_error_feedback_refuses_statistics_without_gram():
     model = make_tiny_model("llama")
-    stats = collect_stats(model, torch.randint(0, 300, (2, 12)))
+    stats = collect_stats(model, tiny_batch(2, 12))
     with pytest.raises(CmpqError, match="gram=True"):
         quantize(model, CMPQConfig(bits=3.0, error_feedback=True), stats=stats, progress=False)
+
+
+def test_a_gram_matrix_that_is_not_positive_definite_gets_more_damping():
+    gram = torch.tensor([[1.0, 3.0], [3.0, 1.0]], dtype=torch.float64)  # eigenvalues 4 and -2
+    factor, used = inverse_hessian_factor(gram, damp=0.01)
+    assert used == pytest.approx(10.0)  # 0.01 raised tenfold until H + λI is positive definite
+    damped = gram + used * torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(factor.double().t() @ factor.double(), torch.linalg.inv(damped))
+
+
+def test_a_gram_matrix_with_non_finite_entries_falls_back_to_no_feedback():
+    gram = torch.eye(3, dtype=torch.float64)
+    gram[0, 1] = gram[1, 0] = float("nan")
+    factor, used = inverse_hessian_factor(gram)
+    assert used == float("inf") and torch.equal(factor, torch.eye(3))
+
+
+def test_the_damping_fallback_is_said_in_one_warning_naming_the_layer():
+    from cmpq.errors import CmpqWarning
+
+    weight, gram, energy = _layer_problem(out=16, inp=8)
+    gram = gram - 2 * gram.diagonal().mean() * torch.eye(8, dtype=torch.float64)
+    gram.diagonal().clamp_(min=1.0)  # positive diagonal, not positive definite
+    bits = paper_allocation(energy.sqrt(), 2.5)
+    with pytest.warns(CmpqWarning, match="blocks.3.up_proj: .* not positive definite") as record:
+        layer = quantize_layer_feedback(weight, bits, energy, gram, label="blocks.3.up_proj")
+    assert len(record) == 1
+    assert torch.isfinite(dequantize_layer(layer)).all()

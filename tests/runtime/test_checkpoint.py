@@ -7,7 +7,8 @@ from cmpq.errors import CmpqError
 from cmpq.format.description import read_description, write_description
 from cmpq.runtime.checkpoint import load_quantized, save_quantized
 from cmpq.runtime.qlinear import QuantizedLinear
-from conftest import quantize_tiny
+
+from tiny import quantize_tiny, tiny_batch
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def test_save_load_round_trip(tmp_path, quantized_tiny, tiny_tokenizer):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
     loaded, tokenizer = load_quantized(out)
-    x = torch.randint(0, 300, (1, 12))
+    x = tiny_batch(1, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
     names = {n for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
@@ -121,7 +122,7 @@ def test_description_holds_no_run_timings(tmp_path, quantized_tiny, tiny_tokeniz
 def test_tied_conv1d_model_round_trip(tmp_path, tiny_tokenizer):
     model, out = _quantized_and_saved("gpt2", tmp_path / "q", tiny_tokenizer)  # tied, Conv1D
     loaded, _ = load_quantized(out)
-    x = torch.randint(0, 300, (1, 12))
+    x = tiny_batch(1, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
 
@@ -189,4 +190,18 @@ def test_packed_description_outside_config_json_is_refused(
     (out / "cmpq.json").write_text(json.dumps(config.pop("quantization_config")))
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CmpqError, match="config.json has no cmpq quantization_config"):
+        load_quantized(out)
+
+
+def test_a_bug_in_cmpq_is_not_reported_as_an_unreadable_checkpoint(
+    tmp_path, quantized_tiny, tiny_tokenizer, monkeypatch
+):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+
+    def buggy(*args, **kwargs):
+        raise RuntimeError("a bug in cmpq's loader")
+
+    monkeypatch.setattr("cmpq.runtime.hf.read_checked_layers", buggy)
+    with pytest.raises(RuntimeError, match="a bug in cmpq's loader"):
         load_quantized(out)
