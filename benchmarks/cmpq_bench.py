@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from cmpq import CMPQConfig, RTNConfig, load_model, perplexity, quantize
-from cmpq.calibrate import collect_stats
+from cmpq.calib.looper import collect_stats
 from cmpq.config import PAPER_METHOD
-from cmpq.models import cache_dir, quantizable_linears
-from cmpq.quantize import calibration_batch
-from cmpq.report import peak_rss_bytes
+from cmpq.memory import peak_rss_bytes
+from cmpq.models.graph import quantizable_linears
+from cmpq.models.sources import cache_dir
+from cmpq.quant.pipeline import calibration_batch
 
-RESULTS = Path(__file__).parent / "results"
+from results import ResultsFile, commit_of
+
 DATASETS = ("wikitext2", "c4")
 SWEEP = [  # most telling first, so a cut-short run still answers the main questions
     ("cmpq 3.0", CMPQConfig(bits=3.0, **PAPER_METHOD)),
@@ -124,15 +126,12 @@ def ppl_cell(row: dict, dataset: str) -> str:
     return f"{row[dataset]:.2f}" if dataset in row else "—"
 
 
-def write_outputs(rows: list[dict], name: str, command: str, sort: bool) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+def write_outputs(results: ResultsFile, sort: bool) -> None:
+    rows = results.rows
     lines = [
-        f"Command: `{command}`",
-        "",
         "| method | setting | bits (total stored) | WikiText-2 ppl | C4 ppl "
-        "| quant s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|",
+        "| quant s | peak RSS GB | commit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     keyed: dict[tuple, dict] = {}
     for row in rows:
@@ -144,13 +143,11 @@ def write_outputs(rows: list[dict], name: str, command: str, sort: bool) -> None
         lines.append(
             f"| {row['method']} | {row['setting']} | {row['bits']:.3f} | "
             f"{ppl_cell(row, 'wikitext2')} | {ppl_cell(row, 'c4')} | "
-            f"{row['seconds']:.0f} | {row['peak_rss_bytes'] / 1e9:.2f} |"
+            f"{row['seconds']:.0f} | {row['peak_rss_bytes'] / 1e9:.2f} | {commit_of(row)} |"
         )
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    if sort:
-        plot(rows, RESULTS / f"{name}.png")
-    else:
-        plot_bars(ordered, RESULTS / f"{name}.png")
+    results.write(
+        lines, (lambda path: plot(rows, path)) if sort else (lambda path: plot_bars(ordered, path))
+    )
 
 
 def plot_bars(rows: list[dict], path: Path) -> None:
@@ -224,7 +221,9 @@ def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
     stats = collect_stats(model, batch, progress=True, gram=gram)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"stats": stats, "seconds": seconds}, path)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # two benchmarks may race to write it
+    torch.save({"stats": stats, "seconds": seconds}, partial)
+    partial.replace(path)
     return stats, seconds
 
 
@@ -251,9 +250,11 @@ def main() -> None:
         f"--layout {args.layout} --windows {args.windows} --seqlen {args.seqlen}"
     )
     name = f"{args.suite}-{args.model}-{args.layout}"
+    results = ResultsFile.open(
+        name, None if args.replot else command, resume=args.replot or not args.redo
+    )
     if args.replot:
-        saved = json.loads((RESULTS / f"{name}.json").read_text())
-        write_outputs(saved["rows"], name, saved["command"], sort=args.suite == "sweep")
+        write_outputs(results, sort=args.suite == "sweep")
         return
     plan, datasets = {
         "sweep": (SWEEP, DATASETS),
@@ -261,11 +262,7 @@ def main() -> None:
         "beyond": (BEYOND, DATASETS[:1]),
         "outliers": (OUTLIERS, DATASETS[:1]),
     }[args.suite]
-    saved_path = RESULTS / f"{name}.json"
-    rows: list[dict] = []
-    if saved_path.is_file() and not args.redo:  # resume: keep what an earlier run measured
-        rows = json.loads(saved_path.read_text())["rows"]
-    done = {row["setting"] for row in rows}
+    done = {row["setting"] for row in results.rows}
 
     model, tokenizer = load_model(args.model)
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())
@@ -279,8 +276,8 @@ def main() -> None:
             "seconds": 0.0,
             "peak_rss_bytes": peak_rss_bytes(),
         }
-        rows += evaluate_rows(model, tokenizer, base, args, datasets)
-        write_outputs(rows, name, command, sort=args.suite == "sweep")
+        results.rows += evaluate_rows(model, tokenizer, ResultsFile.stamp(base), args, datasets)
+        write_outputs(results, sort=args.suite == "sweep")
     gram = args.suite in ("beyond", "outliers")  # error feedback needs each layer's XᵀX
     stats, calibration_seconds = calibration_stats(model, tokenizer, args.model, gram)
     print(f"calibration: {calibration_seconds:.0f} s", flush=True)
@@ -304,13 +301,13 @@ def main() -> None:
             "bits": report.effective_bits,
             "code_bits": report.code_bits,
             "bits_breakdown": report.as_dict()["bits_breakdown"],
-            "config": config.as_dict(),
             "seconds": report.seconds,
             "calibration_seconds": calibration_seconds if shared else 0.0,
             "peak_rss_bytes": report.peak_rss_bytes,
         }
-        rows += evaluate_rows(model, tokenizer, base, args, datasets)
-        write_outputs(rows, name, command, sort=args.suite == "sweep")
+        base = ResultsFile.stamp(base, config.as_dict())
+        results.rows += evaluate_rows(model, tokenizer, base, args, datasets)
+        write_outputs(results, sort=args.suite == "sweep")
 
 
 if __name__ == "__main__":

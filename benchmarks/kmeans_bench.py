@@ -13,17 +13,17 @@ and the seconds at 1 thread. Writes benchmarks/results/kmeans-<model>.{json,md,p
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from cmpq import load_model
-from cmpq.kmeans import weighted_kmeans_1d, weighted_sse
-from cmpq.models import decoder_blocks
+from cmpq.models.graph import decoder_blocks
+from cmpq.quant.kmeans import weighted_kmeans_1d, weighted_sse
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from results import ResultsFile
+
 LINEARS = ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")
 WIDTHS = (2, 3, 4, 5, 6, 8)
 VARIANTS = {
@@ -53,26 +53,25 @@ def measure(model_name: str, block_index: int, columns: int) -> list[dict]:
             best = min(error for error, _ in found.values())
             for variant, (error, seconds) in found.items():
                 rows.append(
-                    {
-                        "linear": f"block {block_index} {name}",
-                        "shape": list(values.shape),
-                        "bits": bits,
-                        "variant": variant,
-                        "sse": error,
-                        "relative_sse": error / best,
-                        "seconds": seconds,
-                    }
+                    ResultsFile.stamp(
+                        {
+                            "linear": f"block {block_index} {name}",
+                            "shape": list(values.shape),
+                            "bits": bits,
+                            "variant": variant,
+                            "sse": error,
+                            "relative_sse": error / best,
+                            "seconds": seconds,
+                        },
+                        {"iters": 25, "block": block_index, "columns": columns, **options},
+                    )
                 )
     return rows
 
 
 def write_outputs(model_name: str, rows: list[dict], command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"kmeans-{model_name}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    results = ResultsFile(f"kmeans-{model_name}", command, rows)
     lines = [
-        f"Command: `{command}`",
-        "",
         "Squared error of each column's table relative to the best variant (1.000 = best), "
         "and seconds at 1 thread.",
         "",
@@ -85,8 +84,10 @@ def write_outputs(model_name: str, rows: list[dict], command: str) -> None:
             found = [keyed[linear, bits, v] for v in VARIANTS]
             cells = [f"{r['relative_sse']:.3f} ({r['seconds']:.2f} s)" for r in found]
             lines.append(f"| {linear} | {bits} | " + " | ".join(cells) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results.write(lines, lambda path: plot(model_name, rows, path))
 
+
+def plot(model_name: str, rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +112,7 @@ def write_outputs(model_name: str, rows: list[dict], command: str) -> None:
         axis.legend()
     figure.suptitle(f"{model_name}: column tables, 25 iterations")
     figure.tight_layout()
-    figure.savefig(stem.with_suffix(".png"), dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -127,7 +128,7 @@ def main() -> None:
     )
     rows = measure(args.model, args.block, args.columns)
     write_outputs(args.model, rows, command)
-    print((RESULTS / f"kmeans-{args.model}.md").read_text())
+    print(f"wrote benchmarks/results/kmeans-{args.model}.md")
 
 
 if __name__ == "__main__":

@@ -13,25 +13,21 @@ benchmarks/results/max-size-<model>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
-from cmpq import CMPQConfig, load_model, quantize
-from cmpq.checkpoint import WEIGHTS_FILE, save_quantized
+from cmpq import CMPQConfig, load_model, quantize, save_quantized
+from cmpq.alloc.size import bits_for_size, parse_size
 from cmpq.config import PAPER_METHOD
-from cmpq.sizing import bits_for_size, parse_size
+from cmpq.format.spec import WEIGHTS_FILE
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from cmpq_bench import calibration_stats
+from results import ResultsFile, commit_of
+
 TARGET_SLACK = 0.005  # the target: within 0.5 % under the budget
 
 
 def measure(model_name: str, size_text: str) -> dict:
-    sys.path.insert(0, str(HERE))
-    from cmpq_bench import calibration_stats
-
     max_bytes = parse_size(size_text)
     model, tokenizer = load_model(model_name)
     stats, _ = calibration_stats(model, tokenizer, model_name)
@@ -43,7 +39,7 @@ def measure(model_name: str, size_text: str) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = save_quantized(model, tokenizer, report, Path(scratch) / "q")
         size = (out / WEIGHTS_FILE).stat().st_size
-    return {
+    row = {
         "model": model_name,
         "max_size": size_text,
         "max_bytes": max_bytes,
@@ -52,28 +48,28 @@ def measure(model_name: str, size_text: str) -> dict:
         "model_bytes": size,
         "under_fraction": (max_bytes - size) / max_bytes,
     }
+    return ResultsFile.stamp(row, config.as_dict())
 
 
 def write_outputs(model_name: str, rows: list[dict], command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"max-size-{model_name}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     lines = [
-        f"Command: `{command}`",
-        "",
         "| --max-size | bytes allowed | model.safetensors bytes | under by | "
-        "bits/weight asked | bits/weight stored | within 0.5 % under |",
-        "|---|---|---|---|---|---|---|",
+        "bits/weight asked | bits/weight stored | within 0.5 % under | commit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ok = 0 <= row["under_fraction"] <= TARGET_SLACK
         lines.append(
             f"| {row['max_size']} | {row['max_bytes']:,} | {row['model_bytes']:,} | "
             f"{row['under_fraction']:.3%} | {row['requested_bits']:.3f} | "
-            f"{row['effective_bits']:.3f} | {'yes' if ok else 'no'} |"
+            f"{row['effective_bits']:.3f} | {'yes' if ok else 'no'} | {commit_of(row)} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    ResultsFile(f"max-size-{model_name}", command, rows).write(
+        lines, lambda path: plot(model_name, rows, path)
+    )
 
+
+def plot(model_name: str, rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +85,7 @@ def write_outputs(model_name: str, rows: list[dict], command: str) -> None:
     axis.grid(True, alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(stem.with_suffix(".png"), dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

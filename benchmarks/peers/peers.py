@@ -21,13 +21,8 @@ from pathlib import Path
 
 import torch
 
-from cmpq.models import (
-    ALIASES,
-    alias_checkpoint,
-    quantizable_linears,
-    set_weight_matrix,
-    weight_matrix,
-)
+from cmpq.models.graph import quantizable_linears, set_weight_matrix, weight_matrix
+from cmpq.models.sources import ALIASES, alias_checkpoint
 
 HERE = Path(__file__).resolve().parent
 
@@ -228,7 +223,7 @@ def llama_cpp_prepared(context: PeerContext, binaries: Path) -> tuple[Path, Path
 
     if context.model_spec not in ALIASES:
         raise RuntimeError("the llama.cpp peer runs on the model aliases (GGUF sources) only")
-    from cmpq.models import fetch_gguf
+    from cmpq.models.sources import fetch_gguf
 
     shared = context.workdir.parent / "llama.cpp-shared"
     shared.mkdir(parents=True, exist_ok=True)
@@ -265,7 +260,7 @@ def llama_cpp_prepared(context: PeerContext, binaries: Path) -> tuple[Path, Path
 def llama_cpp(model, setting: dict, context: PeerContext) -> PeerResult:
     import gguf
 
-    from cmpq.models import load_model
+    from cmpq.api import load_model
 
     binaries = llama_cpp_binaries()
     fp32, imatrix, imatrix_seconds = llama_cpp_prepared(context, binaries)

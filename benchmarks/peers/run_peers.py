@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE.parent / "results"
+sys.path.insert(0, str(HERE.parent))  # the shared results writer and cmpq_bench's statistics
+
+from results import ResultsFile, commit_of  # noqa: E402
+
 DATASETS = ("wikitext2", "c4")
 PLOT_CEILING = 3000.0  # perplexities above this are off the plot (they are in the table)
 
@@ -103,28 +106,14 @@ def series_of(model: str, key: str) -> str:
 # --- one setting, in a child process -----------------------------------------------
 
 
-def source_commit() -> str:
-    """The commit of the checkout the row's code came from (+ "-dirty" with local edits)."""
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        command = ["git", "-C", str(root), *args]
-        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "src")
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
     import torch
 
     from cmpq import CMPQConfig, RTNConfig, load_model, perplexity, quantize
-    from cmpq.models import cache_dir, quantizable_linears
-    from cmpq.quantize import calibration_batch
-    from cmpq.report import peak_rss_bytes
+    from cmpq.memory import peak_rss_bytes
+    from cmpq.models.graph import quantizable_linears
+    from cmpq.models.sources import cache_dir
+    from cmpq.quant.pipeline import calibration_batch
 
     torch.manual_seed(0)
     model, tokenizer = load_model(model_spec)
@@ -138,7 +127,6 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
     elif setting.method in ("cmpq", "rtn"):
         from importlib.metadata import version
 
-        sys.path.insert(0, str(HERE.parent))
         from cmpq_bench import calibration_stats  # the cached statistics the sweep uses
 
         if setting.method == "rtn":
@@ -153,7 +141,7 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
         row.update(bits=report.effective_bits, peer_version=f"cmpq {version('cmpq')}",
                    bits_source="stored tensors (cmpq's report)",
                    bits_breakdown=report.as_dict()["bits_breakdown"],
-                   commit=source_commit())  # fmt: skip
+                   config=config.as_dict())  # fmt: skip
     else:
         from peers import ADAPTERS, PeerContext
 
@@ -169,6 +157,7 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
                    calibration_seconds=result.calibration_seconds)  # fmt: skip
         shutil.rmtree(workdir, ignore_errors=True)
     row.update(seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
+    row = ResultsFile.stamp(row)
     rows = []
     for dataset in DATASETS:
         result = perplexity(model, tokenizer, dataset, args.seqlen, args.windows, progress=False)
@@ -181,13 +170,12 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
 # --- the whole plan, in the parent ----------------------------------------------------
 
 
-def results_path(model: str, suffix: str) -> Path:
-    return RESULTS / f"peers-{model}.{suffix}"
+def results_file(model: str, command: str = "") -> ResultsFile:
+    return ResultsFile(f"peers-{model}", command)
 
 
 def load_rows(model: str) -> list[dict]:
-    path = results_path(model, "json")
-    return json.loads(path.read_text())["rows"] if path.is_file() else []
+    return results_file(model).saved_rows()
 
 
 def imported(path: Path, model: str, args) -> list[dict]:
@@ -210,7 +198,7 @@ def imported(path: Path, model: str, args) -> list[dict]:
 
 
 def run_setting(model: str, setting: Setting, args) -> list[dict]:
-    from cmpq.models import cache_dir
+    from cmpq.models.sources import cache_dir
 
     logs = cache_dir() / "peers" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -232,8 +220,6 @@ def run_setting(model: str, setting: Setting, args) -> list[dict]:
 
 
 def write_outputs(model: str, rows: list[dict], command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results_path(model, "json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     keyed: dict[str, dict] = {}
     for row in rows:
         entry = keyed.setdefault(row["setting"], dict(row))
@@ -242,16 +228,14 @@ def write_outputs(model: str, rows: list[dict], command: str) -> None:
     measured = sorted((r for r in keyed.values() if "error" not in r), key=lambda r: r["bits"])
     failed = [r for r in keyed.values() if "error" in r]
     lines = [
-        f"Command: `{command}`",
-        "",
         f"Model `{model}`; perplexity by cmpq's evaluator on WikiText-2 (raw test) and C4 "
         f"(validation), {rows[0].get('windows', 40) if rows else 40} x "
         f"{rows[0].get('seqlen', 512) if rows else 512} tokens; bits = total stored bits per "
         "weight of the decoder linears (embeddings and lm_head full precision for all).",
         "",
         "| method | setting | bits (total stored) | WikiText-2 ppl | C4 ppl | quant s "
-        "| calib s | peak RSS GB | version | bits from |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| calib s | peak RSS GB | version | bits from | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in measured:
         lines.append(
@@ -259,14 +243,16 @@ def write_outputs(model: str, rows: list[dict], command: str) -> None:
             f"{r.get('wikitext2', float('nan')):.2f} | {r.get('c4', float('nan')):.2f} | "
             f"{r.get('seconds', 0):.0f} | {r.get('calibration_seconds', 0) or 0:.0f} | "
             f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} | {r.get('peer_version', '')} | "
-            f"{r.get('bits_source', '')}{' (imported)' if r.get('imported_from') else ''} |"
+            f"{r.get('bits_source', '')}{' (imported)' if r.get('imported_from') else ''} | "
+            f"{commit_of(r)} |"
         )
     lines += budget_tables(measured)
     if failed:
         lines += ["", "Settings that did not run:", ""]
         lines += [f"- {r['setting']}: `{r['error']}`" for r in failed]
-    results_path(model, "md").write_text("\n".join(lines) + "\n")
-    plot(model, measured, results_path(model, "png"))
+    results = results_file(model, command)
+    results.rows = rows
+    results.write(lines, lambda path: plot(model, measured, path))
 
 
 BUDGETS = (2.25, 2.5, 3.0, 3.5, 4.0, 4.25, 4.5, 5.0)

@@ -1,0 +1,125 @@
+"""cmpq commands timed as a user runs them: wall clock, peak memory, what they print.
+
+    python benchmarks/command_bench.py demo [--model smollm2-135m]
+    python benchmarks/command_bench.py quantize [--model smollm2-135m] [--bits 4.5]
+
+Each runs the ``cmpq`` command in a child process (the model already in the
+cache: download and conversion are not timed), with torch at its default thread
+count, and records its wall clock, its peak resident memory and what it
+reported. ``demo`` writes benchmarks/results/demo-<model>.{json,md}: the
+demo's table (full precision, RTN 3-bit g64, CMPQ at its default 2.5 bits on
+WikiText-2 40 x 512). ``quantize`` writes
+benchmarks/results/quantize-time-<model>-<bits>.{json,md}: the quantization
+report (total bits, the break-down, the quantization seconds) of
+``cmpq quantize MODEL --bits B`` with every default on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from results import ResultsFile, commit_of
+
+DEMO_LABELS = ("full precision (fp32)", "RTN 3-bit g64", "CMPQ")
+
+
+def run(argv: list[str]) -> tuple[str, float, int]:
+    """``cmpq argv``'s standard output, wall seconds and peak resident bytes."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "cmpq.cli", *argv], capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"cmpq {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return done.stdout, seconds, peak
+
+
+def demo_rows(stdout: str) -> list[dict]:
+    """The demo's printed table as rows."""
+    rows = []
+    for line in stdout.splitlines():
+        parts = line.rsplit(maxsplit=3)
+        if len(parts) == 4 and parts[0].startswith(DEMO_LABELS):
+            bits, megabytes, ppl = map(float, parts[1:])
+            rows.append({"model_variant": parts[0], "bits": bits, "mb": megabytes, "ppl": ppl})
+    return rows
+
+
+def bench_demo(model: str) -> None:
+    command = f"python benchmarks/command_bench.py demo --model {model}"
+    stdout, seconds, peak = run(["demo", "--model", model])
+    table = demo_rows(stdout)
+    row = ResultsFile.stamp(
+        {"model": model, "seconds": seconds, "peak_rss_bytes": peak, "table": table},
+        {"command": f"cmpq demo --model {model}"},
+    )
+    lines = [
+        f"`cmpq demo --model {model}` with the model already in the cache: {seconds:.0f} s "
+        f"wall clock, peak RSS {peak / 1e9:.2f} GB (commit {commit_of(row)}, "
+        f"{row['machine']['threads']} torch threads). WikiText-2, 40 x 512 tokens; bits and "
+        "sizes count everything stored for the decoder linears.",
+        "",
+        "| model | bits/weight | size (MB) | perplexity |",
+        "|---|---|---|---|",
+        *(f"| {r['model_variant']} | {r['bits']:.2f} | {r['mb']:.2f} | {r['ppl']:.2f} |"
+          for r in table),
+    ]  # fmt: skip
+    results = ResultsFile(f"demo-{model}", command, [row])
+    results.write(lines)
+    print("\n".join(lines))
+
+
+def bench_quantize(model: str, bits: float) -> None:
+    command = f"python benchmarks/command_bench.py quantize --model {model} --bits {bits:g}"
+    with tempfile.TemporaryDirectory() as scratch:
+        report_path = Path(scratch) / "report.json"
+        argv = ["quantize", model, "--bits", f"{bits:g}", "--out", f"{scratch}/q"]
+        stdout, seconds, peak = run([*argv, "--json", str(report_path)])
+        report = json.loads(report_path.read_text())
+    row = ResultsFile.stamp(
+        {"model": model, "wall_seconds": seconds, "peak_rss_bytes": peak, "report": report},
+        report["config"],
+    )
+    breakdown = ", ".join(f"{k} {v:.3f}" for k, v in report["bits_breakdown"].items())
+    lines = [
+        f"`cmpq quantize {model} --bits {bits:g}` with every default on (commit "
+        f"{commit_of(row)}, {row['machine']['threads']} torch threads, load "
+        f"{row['machine']['load_at_start']} at the start):",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| total stored bits per weight | {report['effective_bits']:.3f} ({breakdown}) |",
+        f"| decoder linears stored | {report['stored_bytes'] / 1e6:.2f} MB |",
+        f"| quantization, calibration included (the report's `seconds`) | "
+        f"{report['seconds']:.0f} s |",
+        f"| wall clock, with loading and writing | {seconds:.0f} s |",
+        f"| peak RSS | {peak / 1e9:.2f} GB |",
+    ]
+    results = ResultsFile(f"quantize-time-{model}-{bits:g}", command, [row])
+    results.write(lines)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["demo", "quantize"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bits", type=float, default=4.5, help="quantize: total bits (4.5)")
+    args = parser.parse_args()
+    if args.command == "demo":
+        bench_demo(args.model)
+    else:
+        bench_quantize(args.model, args.bits)
+
+
+if __name__ == "__main__":
+    main()
