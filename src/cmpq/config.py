@@ -94,7 +94,7 @@ class CMPQConfig:
         True, "one integer code width everywhere (ablation)", flag="--integer-only", negate=True
     )
     kmeans_iters: int = option(25, "Lloyd iterations of each table fit")
-    seed: int = option(0, "seed of the calibration sampling and k-means")
+    seed: int = option(0, "seed of the calibration sampling")
     calib: str = option("c4-train", f"calibration text: {' | '.join((*BUILTIN_DATASETS, 'PATH'))}")
     calib_samples: int = option(128, "calibration windows")
     calib_seqlen: int = option(512, "tokens per calibration window")
