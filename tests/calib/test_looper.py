@@ -68,6 +68,7 @@ def test_block_looper_sees_what_the_full_model_sees(arch, monkeypatch):
         torch.testing.assert_close(value.gram, reference[name], rtol=1e-4, atol=1e-6 * scale)
         torch.testing.assert_close(value.sum_sq, reference[name].diagonal(), rtol=1e-5, atol=1e-6)
         assert value.tokens == 60
+    assert collect_stats(model, batch)[next(iter(stats))].gram is None  # only when asked
 
 
 def test_sequential_calibration_changes_later_blocks_only():
