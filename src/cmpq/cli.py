@@ -31,7 +31,7 @@ from .format.spec import WEIGHTS_FILE
 from .inspection import HEATMAP_FILE, as_dict, draw_heatmap, format_table, inspect_output
 from .models.graph import quantizable_linears
 from .models.sources import DEFAULT_MODEL
-from .runtime.checkpoint import dense_checkpoint_bytes
+from .runtime.checkpoint import dense_checkpoint_bytes, tokenizer_bytes
 
 EXIT_USER_ERROR = 2
 CONFIGS = {"cmpq": CMPQConfig, "rtn": RTNConfig}
@@ -199,9 +199,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if max_bytes is not None:
         config = dataclasses.replace(config, bits=bits_for_size(model, max_bytes))
     if isinstance(config, CMPQConfig):
-        check_free_space(out, estimated_packed_bytes(model, config.bits))
+        weights = estimated_packed_bytes(model, config.bits)
     else:
-        check_free_space(out, dense_checkpoint_bytes(model))
+        weights = dense_checkpoint_bytes(model)
+    check_free_space(out, weights + tokenizer_bytes(tokenizer))
     report = quantize(model, config, tokenizer=tokenizer)
     save_quantized(model, tokenizer, report, out, overwrite=args.overwrite)
     print(report.summary())

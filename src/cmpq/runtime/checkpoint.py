@@ -48,6 +48,23 @@ def dense_checkpoint_bytes(model) -> int:
     return _nbytes(model.state_dict())
 
 
+def tokenizer_bytes(tokenizer) -> int:
+    """The size of the files the tokenizer was loaded from (what ``save_pretrained``
+    writes again, about; 0 when it was not loaded from a local directory)."""
+    source = Path(getattr(tokenizer, "name_or_path", "") or "")
+    if not source.is_dir():
+        return 0
+    names = (
+        "tokenizer*",
+        "special_tokens_map.json",
+        "vocab*",
+        "merges*",
+        "*.model",
+        "chat_template*",
+    )
+    return sum(f.stat().st_size for pattern in names for f in source.glob(pattern) if f.is_file())
+
+
 def save_quantized(model, tokenizer, report, out: Path, overwrite: bool = False) -> Path:
     """Write a quantized ``model`` (with its ``tokenizer`` and the
     :class:`~cmpq.quant.report.QuantizationReport` ``report``) to ``out``."""
@@ -61,7 +78,7 @@ def save_quantized(model, tokenizer, report, out: Path, overwrite: bool = False)
         for name, statistic in report.channel_statistics.items()
         if name in quantized
     }
-    check_free_space(out, _nbytes(tensors) + _nbytes(stats))
+    check_free_space(out, _nbytes(tensors) + _nbytes(stats) + tokenizer_bytes(tokenizer))
     layers = {
         name: {
             "out_features": m.out_features,
@@ -80,18 +97,18 @@ def save_quantized(model, tokenizer, report, out: Path, overwrite: bool = False)
     config = copy.deepcopy(model.config)  # the model itself stays unchanged
     config.quantization_config = {"quant_method": QUANT_METHOD, **description}
     with staged_directory(out, overwrite) as staging:
-        save_file(tensors, str(staging / WEIGHTS_FILE), {"format": "cmpq"})
-        if stats:
-            save_file(stats, str(staging / STATS_FILE))
         config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        save_file(tensors, str(staging / WEIGHTS_FILE), {"format": "cmpq"})
+        if stats:
+            save_file(stats, str(staging / STATS_FILE))
     return out
 
 
 def _save_dequantized(model, tokenizer, report, out: Path, overwrite: bool) -> Path:
-    check_free_space(out, dense_checkpoint_bytes(model))
+    check_free_space(out, dense_checkpoint_bytes(model) + tokenizer_bytes(tokenizer))
     description = {
         "format_version": FORMAT_VERSION,
         "format": "dequantized",
