@@ -2,7 +2,7 @@
 
     python benchmarks/max_size_bench.py --model smollm2-135m --sizes 85MB,90MB,100MB,120MB
 
-For each budget: the bits per weight cmpq derives (``cmpq.sizing.bits_for_size``),
+For each budget: the bits per weight cmpq derives (``cmpq.alloc.size.bits_for_size``),
 then the same quantize + save as ``cmpq quantize --max-size``, on the cached
 calibration statistics of benchmarks/cmpq_bench.py; the row records the size of
 the written model.safetensors and how far under the budget it is (the target:

@@ -15,7 +15,6 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 
 from results import RESULTS, ROOT, commit_of
 

@@ -297,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = commands.add_parser("quantize", help="quantize a model and write it to --out")
     quant.add_argument("model", help="alias, checkpoint dir, .gguf or hub id")
-    quant.add_argument("--method", choices=list(CONFIGS), default="cmpq")
+    quant.add_argument(
+        "--method",
+        choices=list(CONFIGS),
+        default="cmpq",
+        help="cmpq (default) or rtn, the round-to-nearest baseline",
+    )
     quant.add_argument(
         "--max-size",
         help="cmpq: instead of --bits, the most bytes model.safetensors may take, "
