@@ -36,7 +36,7 @@ from cmpq.models.graph import quantizable_linears
 from cmpq.models.sources import cache_dir
 from cmpq.quant.pipeline import calibration_batch
 
-from results import ResultsFile, commit_of
+from results import ResultsFile, code_version, commit_of
 
 DATASETS = ("wikitext2", "c4")
 SWEEP = [  # most telling first, so a cut-short run still answers the main questions
@@ -199,31 +199,45 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+# The code the statistics depend on: a cache computed by other code is never reused.
+STATS_CODE = (
+    "src/cmpq/calib",
+    "src/cmpq/models",
+    "src/cmpq/datasets",
+    "src/cmpq/quant/pipeline.py",
+)
+
+
 def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
     """Statistics of the full-precision model for the default calibration, cached.
 
-    ``gram`` adds each linear's input Gram matrix (for error feedback).
+    ``gram`` adds each linear's input Gram matrix (for error feedback). The
+    cache file is named by the model, the calibration and the git tree of the
+    code that computes statistics; with uncommitted edits there, nothing is
+    cached.
     """
     config = CMPQConfig()
+    code = code_version(*STATS_CODE)
     path = (
         cache_dir()
         / "stats"
         / (
             f"{model_name}-{config.calib}-{config.calib_samples}x{config.calib_seqlen}"
-            f"-seed{config.seed}{'-gram' if gram else ''}.pt"
+            f"-seed{config.seed}{'-gram' if gram else ''}-code{code}.pt"
         )
     )
-    if path.is_file():
+    if code is not None and path.is_file():
         saved = torch.load(path, weights_only=False)
         return saved["stats"], saved["seconds"]
     start = time.perf_counter()
     batch = calibration_batch(tokenizer, model, config)
     stats = collect_stats(model, batch, progress=True, gram=gram)
     seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")  # two benchmarks may race to write it
-    torch.save({"stats": stats, "seconds": seconds}, partial)
-    partial.replace(path)
+    if code is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # two benchmarks may race to write it
+        torch.save({"stats": stats, "seconds": seconds}, partial)
+        partial.replace(path)
     return stats, seconds
 
 

@@ -16,6 +16,7 @@ processes sharing a results file (the peers runner) never read a torn file.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -31,8 +32,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 UNRECORDED = "unrecorded"  # rows measured before rows recorded their commit
 
 
-def _git(*args: str) -> str:
-    command = ["git", "-C", str(ROOT), *args]
+def _git(*args: str, root: Path = ROOT) -> str:
+    command = ["git", "-C", str(root), *args]
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -43,6 +44,24 @@ def source_commit() -> str:
         return _git("rev-parse", "--short=7", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return UNRECORDED
+
+
+def code_version(*paths: str, root: Path = ROOT) -> str | None:
+    """A short name for the committed state of ``paths`` (relative to the repository).
+
+    It changes whenever a commit changes any file under them, so a cache named
+    with it is never reused across code changes. ``None`` when the paths have
+    uncommitted edits or git is unavailable: such results must not be cached.
+    """
+    try:
+        if _git("status", "--porcelain", *paths, root=root):
+            return None
+        trees = [_git("rev-parse", f"HEAD:{path}", root=root) for path in paths]
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if len(trees) == 1:
+        return trees[0][:10]
+    return hashlib.sha1(" ".join(trees).encode()).hexdigest()[:10]
 
 
 def cpu_model() -> str:
