@@ -14,6 +14,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,plot]'
+	$(PY) -m cmpq.runtime.cpu_kernel
 	touch $(STAMP)
 
 demo: $(STAMP)

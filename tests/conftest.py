@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# The Triton kernels are tested on the CPU by Triton's interpreter; it must be chosen
+# before anything imports triton (transformers and torch may, on import).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from tiny import ARCHITECTURES, TRAINING_TEXT, make_tiny_model, make_tiny_tokenizer
 

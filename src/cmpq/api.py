@@ -19,15 +19,19 @@ from .runtime.checkpoint import load_quantized, save_quantized
 __all__ = ["generate", "load", "load_model", "perplexity", "quantize", "save_quantized"]
 
 
-def load_model(spec: str):
+def load_model(spec: str, backend: str | None = None):
     """``(model, tokenizer)`` for an alias, a checkpoint directory, a cmpq output
-    directory, a ``.gguf`` file or a hub id (full-precision models in fp32)."""
+    directory, a ``.gguf`` file or a hub id (full-precision models in fp32).
+    ``backend`` (``auto``, ``cpu``, ``triton``, ``torch``) runs a cmpq output's
+    quantized linears; other models ignore it."""
     path = Path(spec).expanduser()
     if path.is_dir() and is_cmpq_output(path):
-        return load_quantized(path)
+        return load_quantized(path, backend)
     return load_pretrained(spec)
 
 
-def load(path):
-    """``(model, tokenizer)`` of a directory written by ``cmpq quantize``."""
-    return load_quantized(Path(path))
+def load(path, backend: str | None = None):
+    """``(model, tokenizer)`` of a directory written by ``cmpq quantize``; its
+    quantized linears run on ``backend`` (default ``$CMPQ_BACKEND`` or ``auto``:
+    see :mod:`cmpq.runtime.backends`)."""
+    return load_quantized(Path(path), backend)

@@ -29,8 +29,10 @@ from .errors import CmpqError, CmpqWarning
 from .format.checkpoint import check_free_space, check_output_dir
 from .format.spec import WEIGHTS_FILE
 from .inspection import HEATMAP_FILE, as_dict, draw_heatmap, format_table, inspect_output
+from .memory import resident_bytes
 from .models.graph import quantizable_linears
 from .models.sources import DEFAULT_MODEL
+from .runtime.backends import BACKENDS
 from .runtime.checkpoint import dense_checkpoint_bytes, tokenizer_bytes
 
 EXIT_USER_ERROR = 2
@@ -180,9 +182,19 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=40, help="number of windows (40)")
 
 
+def _add_backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default=None,
+        help="what runs a cmpq output's quantized linears: auto (default, or $CMPQ_BACKEND), "
+        "cpu (compiled kernel), triton (GPU), torch (reference)",
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     _check_dataset(args.dataset)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.backend)
     result = perplexity(model, tokenizer, args.dataset, args.seqlen, args.windows, args.model)
     print(result.summary())
     _write_json(args.json, result.as_dict())
@@ -221,7 +233,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .eval.generation import check_generation_options
 
     check_generation_options(args.max_new_tokens, args.temperature)
-    model, tokenizer = load_model(args.model)
+    baseline = resident_bytes()
+    model, tokenizer = load_model(args.model, args.backend)
     print(args.prompt, end="", flush=True)
     result = generate(
         model,
@@ -231,6 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         seed=args.seed,
         stream=True,
+        baseline_bytes=baseline,
     )
     print(result.summary())
     _write_json(args.json, result.as_dict())
@@ -292,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="perplexity of a model or a quantized output")
     evaluate.add_argument("model", help="alias, checkpoint dir, cmpq output dir, .gguf or hub id")
     _add_eval_options(evaluate)
+    _add_backend_option(evaluate)
     evaluate.add_argument("--json", help="write the result as JSON to this file")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -322,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    _add_backend_option(gen)
     gen.add_argument("--json", help="write the text, speed and memory as JSON to this file")
     gen.set_defaults(func=cmd_generate)
 

@@ -23,7 +23,7 @@ def test_groups_from_the_rule_match_the_allocation(code_bits):
 
 def test_layer_cost_counts_every_kind():
     cost = layer_cost(LayerShape(4, 10), [2, 3], [8, 2], "row", outliers=3)
-    assert cost["codes"] == 4 * 8 * 2 + 4 * 2 * 3  # each group packed to whole bytes
+    assert cost["codes"] == 8 * 8 * 2 + 8 * 2 * 3  # 4 rows padded to one tile of 8
     assert cost["lut"] == 4 * (4 + 8) * 16
     assert cost["metadata"] == 10 * 16 + 2 * 40
     assert cost["outliers"] == 5 * 32 + 3 * (16 + 16)

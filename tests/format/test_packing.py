@@ -9,7 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmpq.format.packing import pack_codes, pack_groups, packed_nbytes, unpack_codes, unpack_groups
+from cmpq.format.packing import (
+    pack_codes,
+    pack_groups,
+    pack_tiled,
+    packed_nbytes,
+    tiled_nbytes,
+    unpack_codes,
+    unpack_groups,
+    unpack_tiled,
+)
 
 
 def _reference_pack(codes: list[int], bits: int) -> list[int]:
@@ -97,28 +106,53 @@ def test_round_trip_property(bits: int, data: st.DataObject) -> None:
 def test_groups_round_trip_mixed_widths() -> None:
     gen = torch.Generator().manual_seed(0)
     bits_by_group = [2, 3, 4, 8, 1, 5]
-    shapes = [(16, 5), (16, 3), (16, 7), (16, 1), (16, 0), (16, 9)]
+    rows, sizes = 13, [5, 3, 7, 1, 0, 9]  # 13 rows: the second tile is padded
     groups = [
-        torch.randint(0, 1 << b, s, generator=gen)
-        for b, s in zip(bits_by_group, shapes, strict=True)
+        torch.randint(0, 1 << b, (rows, n), generator=gen)
+        for b, n in zip(bits_by_group, sizes, strict=True)
     ]
-    counts = [g.numel() for g in groups]
     packed = pack_groups(groups, bits_by_group)
-    assert packed.numel() == sum(
-        packed_nbytes(c, b) for c, b in zip(counts, bits_by_group, strict=True)
+    assert (
+        packed.numel()
+        == sum(2 * n * b for n, b in zip(sizes, bits_by_group, strict=True))
+        == sum(tiled_nbytes(rows, n, b) for n, b in zip(sizes, bits_by_group, strict=True))
     )
     # every group starts byte-aligned: its bytes equal packing it alone
     offset = 0
     for g, b in zip(groups, bits_by_group, strict=True):
-        alone = pack_codes(g, b)
+        alone = pack_tiled(g, b)
         assert torch.equal(packed[offset : offset + alone.numel()], alone)
         offset += alone.numel()
-    out = unpack_groups(packed, bits_by_group, counts)
+    out = unpack_groups(packed, bits_by_group, rows, sizes)
     assert len(out) == len(groups)
     for o, g in zip(out, groups, strict=True):
-        assert torch.equal(o.long(), g.reshape(-1))
+        assert torch.equal(o.long(), g)
     assert pack_groups([], []).numel() == 0
-    assert unpack_groups(torch.empty(0, dtype=torch.uint8), [], []) == []
+    assert unpack_groups(torch.empty(0, dtype=torch.uint8), [], rows, []) == []
+
+
+def test_tiled_layout_puts_a_tiles_column_in_b_bytes() -> None:
+    # rows 0..7 of column 1 at 3 bits: codes 0..7 -> the 3 bytes of pack_codes(0..7)
+    codes = torch.zeros(10, 2, dtype=torch.uint8)
+    codes[:8, 1] = torch.arange(8)
+    codes[8:, 0] = torch.tensor([5, 6])  # tile 1 (rows 8, 9 and 6 padding rows)
+    packed = pack_tiled(codes, 3)
+    assert packed.numel() == tiled_nbytes(10, 2, 3) == 2 * 2 * 3
+    assert torch.equal(packed[0:3], torch.zeros(3, dtype=torch.uint8))
+    assert torch.equal(packed[3:6], pack_codes(torch.arange(8), 3))
+    assert torch.equal(packed[6:9], pack_codes(torch.tensor([5, 6, 0, 0, 0, 0, 0, 0]), 3))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 7, 8])
+def test_unpack_tiled_stripes(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (21, 6), generator=gen, dtype=torch.uint8)
+    packed = pack_tiled(codes, bits)
+    for first, stop in [(0, 1), (1, 3), (2, 3), (0, 3), (3, 3)]:
+        stripe = unpack_tiled(packed, bits, 21, 6, tiles=(first, stop))
+        assert torch.equal(stripe, codes[8 * first : 8 * stop])
+    with pytest.raises(ValueError, match="outside"):
+        unpack_tiled(packed, bits, 21, 6, tiles=(2, 4))
 
 
 @pytest.mark.parametrize("bits", [0, 9, -1, 2.0, True])
@@ -139,7 +173,7 @@ def test_codes_out_of_range() -> None:
     with pytest.raises(ValueError, match="range"):
         pack_codes(torch.tensor([256]), 8)
     with pytest.raises(ValueError, match="range"):
-        pack_groups([torch.tensor([1]), torch.tensor([2])], [2, 1])
+        pack_groups([torch.tensor([[1]]), torch.tensor([[2]])], [2, 1])
 
 
 def test_wrong_dtypes() -> None:
@@ -156,10 +190,10 @@ def test_too_few_bytes_and_bad_counts() -> None:
     with pytest.raises(ValueError, match="count"):
         unpack_codes(packed, 3, -1)
     with pytest.raises(ValueError, match="exactly"):
-        unpack_groups(packed, [3], [8])  # needs 3 bytes, got 4
+        unpack_groups(packed, [3], 8, [1])  # needs 3 bytes, got 4
     with pytest.raises(ValueError, match="exactly"):
-        unpack_groups(packed, [3, 3], [9, 1])
-    with pytest.raises(ValueError, match="counts"):
-        unpack_groups(packed, [3], [9, 1])
+        unpack_groups(packed, [3, 3], 8, [1, 1])
+    with pytest.raises(ValueError, match="sizes"):
+        unpack_groups(packed, [3], 8, [1, 1])
     with pytest.raises(ValueError, match="widths"):
         pack_groups([torch.tensor([1])], [2, 3])

@@ -208,7 +208,9 @@ def test_flipped_layout_is_refused_by_the_table_count():
 
 def test_shape_that_does_not_fit_the_codes_is_refused():
     with pytest.raises(CmpqError, match="codes: expected"):
-        _check(_tensors(), out=OUT + 1)
+        _check(_tensors(), out=OUT + 8)  # one more tile of rows
+    with pytest.raises(CmpqError, match="outlier_crow: expected"):
+        _check(_tensors(), out=OUT + 1)  # same tiles: the row pointers tell
     with pytest.raises(CmpqError, match="group_sizes: expected sizes summing to in_features 21"):
         _check(_tensors(), inp=IN + 1)
 

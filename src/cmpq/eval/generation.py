@@ -24,19 +24,64 @@ class GenerationResult:
     new_tokens: int
     seconds: float  # generation only, model loading excluded
     resident_bytes: int  # process resident memory after generating
+    prefill_seconds: float = 0.0  # the prompt's forward, up to the first new token
+    baseline_bytes: int = 0  # resident memory before the model was loaded (0: unknown)
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens after the first, per second of the steps that made them."""
+        decode = self.seconds - self.prefill_seconds
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+    @property
+    def model_bytes(self) -> int:
+        """Resident memory above the process before loading (the model's footprint)."""
+        return self.resident_bytes - self.baseline_bytes if self.baseline_bytes else 0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+        derived = (
+            "tokens_per_second",
+            "prefill_tokens_per_second",
+            "decode_tokens_per_second",
+            "model_bytes",
+        )
+        return {**asdict(self), **{name: getattr(self, name) for name in derived}}
 
     def summary(self) -> str:
+        memory = f"resident memory {self.resident_bytes / 2**20:.0f} MiB"
+        if self.baseline_bytes:
+            memory += f" ({self.model_bytes / 2**20:.0f} MiB above the process before loading)"
         return (
-            f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} "
-            f"tokens/s), resident memory {self.resident_bytes / 2**20:.0f} MiB"
+            f"{self.new_tokens} tokens in {self.seconds:.2f} s: prefill "
+            f"{self.prefill_tokens_per_second:.1f} tokens/s ({self.prompt_tokens} tokens), "
+            f"decode {self.decode_tokens_per_second:.1f} tokens/s; {memory}"
         )
+
+
+class _FirstTokenClock:
+    """A streamer that notes when the first new token arrives (and passes tokens on)."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner, self.calls, self.first_token_at = inner, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first_token_at = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 def check_generation_options(max_new_tokens: int, temperature: float) -> None:
@@ -65,15 +110,18 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     stream: bool = False,
+    baseline_bytes: int = 0,
 ) -> GenerationResult:
-    """Continue ``prompt``; with ``stream`` the new text is printed as it comes."""
+    """Continue ``prompt``; with ``stream`` the new text is printed as it comes.
+    ``baseline_bytes``: the process's resident memory before the model was loaded,
+    so the result can say what the model holds."""
     check_generation_options(max_new_tokens, temperature)
     from transformers import TextStreamer
 
     ids = prompt_ids(tokenizer, model, prompt)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     options = sampling if temperature > 0 else {"do_sample": False}
-    streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
+    clock = _FirstTokenClock(TextStreamer(tokenizer, skip_prompt=True) if stream else None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     # transformers samples from torch's global generator: seed it inside a fork so the
@@ -84,7 +132,7 @@ def generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            streamer=streamer,
+            streamer=clock,
             pad_token_id=pad,
             **options,
         )
@@ -97,4 +145,6 @@ def generate(
         new_tokens=new.numel(),
         seconds=seconds,
         resident_bytes=resident_bytes(),
+        prefill_seconds=(clock.first_token_at or start + seconds) - start,
+        baseline_bytes=baseline_bytes,
     )

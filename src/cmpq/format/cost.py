@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import packed_nbytes
+from .packing import tiled_nbytes
 from .spec import (
     GROUP_HEADER_BITS,
     LUT_ENTRY_BITS,
@@ -49,7 +49,7 @@ def layer_cost(
     """Exact stored bits of one quantized linear, by kind."""
     out_features, in_features = shape.out_features, shape.in_features
     codes = sum(
-        8 * packed_nbytes(out_features * size, bits)
+        8 * tiled_nbytes(out_features, size, bits)
         for bits, size in zip(group_bits, group_sizes, strict=True)
     )
     if layout == "row":

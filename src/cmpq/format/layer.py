@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack_groups, unpack_groups
+from .packing import TILE_ROWS, group_byte_offsets, pack_groups, unpack_groups, unpack_tiled
 from .spec import stored_dtypes
 
 
@@ -92,7 +92,7 @@ def to_tensors(layer: LUTLayer) -> dict[str, torch.Tensor]:
     """The tensors stored for this layer (packed codes, tables, metadata, CSR outliers)."""
     dtypes = stored_dtypes(layer.in_features)
     tensors = {
-        "codes": pack_groups([c.flatten() for c in layer.codes], layer.group_bits),
+        "codes": pack_groups(layer.codes, layer.group_bits),
         "lut": torch.cat([t.flatten() for t in layer.luts]).to(dtypes["lut"]),
         "perm": layer.perm.to(dtypes["perm"]),
         "group_bits": torch.tensor(layer.group_bits, dtype=dtypes["group_bits"]),
@@ -114,8 +114,7 @@ def from_tensors(
     """Rebuild a layer from its stored tensors (inverse of :func:`to_tensors`)."""
     group_bits = [int(b) for b in tensors["group_bits"]]
     group_sizes = [int(n) for n in tensors["group_sizes"]]
-    flat = unpack_groups(tensors["codes"], group_bits, [out_features * n for n in group_sizes])
-    codes = [c.reshape(out_features, n) for c, n in zip(flat, group_sizes, strict=True)]
+    codes = unpack_groups(tensors["codes"], group_bits, out_features, group_sizes)
     luts, start = [], 0
     for bits, size in zip(group_bits, group_sizes, strict=True):
         rows = out_features if layout == "row" else size
@@ -142,3 +141,54 @@ def from_tensors(
         cols,
         values,
     )
+
+
+def lut_offsets(layout: str, out_features: int, group_bits: list[int], group_sizes: list[int]):
+    """Where each bit-group's tables start in the stored ``lut``, plus the end."""
+    offsets = [0]
+    for bits, size in zip(group_bits, group_sizes, strict=True):
+        offsets.append(offsets[-1] + (out_features if layout == "row" else size) * 2**bits)
+    return offsets
+
+
+def dequantize_rows(
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    in_features: int,
+    layout: str,
+    rows: tuple[int, int],
+    outliers: bool = True,
+) -> torch.Tensor:
+    """Rows ``first:stop`` of the float32 weight the stored tensors represent, in the
+    original column order, read from their own bytes (``first`` a multiple of 8): a
+    stripe, so the whole weight never needs to exist at once. Without ``outliers``,
+    every position holds what its code gives."""
+    first, stop = rows
+    if first % TILE_ROWS or not 0 <= first <= stop <= out_features:
+        raise ValueError(f"rows {first}:{stop} of {out_features} (the first a multiple of 8)")
+    group_bits = [int(b) for b in tensors["group_bits"]]
+    group_sizes = [int(n) for n in tensors["group_sizes"]]
+    code_offsets = group_byte_offsets(out_features, group_bits, group_sizes)
+    table_offsets = lut_offsets(layout, out_features, group_bits, group_sizes)
+    tiles = (first // TILE_ROWS, -(-stop // TILE_ROWS))
+    permuted = torch.empty(stop - first, in_features, dtype=torch.float32)
+    column = 0
+    for g, (bits, size) in enumerate(zip(group_bits, group_sizes, strict=True)):
+        codes = unpack_tiled(
+            tensors["codes"][code_offsets[g] : code_offsets[g + 1]], bits, out_features, size, tiles
+        )[: stop - first]
+        table = tensors["lut"][table_offsets[g] : table_offsets[g + 1]].view(-1, 2**bits)
+        if layout == "row":
+            table = table[first:stop]
+        permuted[:, column : column + size] = group_dequantize(codes, table, layout)
+        column += size
+    weight = torch.empty_like(permuted)
+    weight[:, tensors["perm"].long()] = permuted
+    if outliers and "outlier_values" in tensors:
+        crow = tensors["outlier_crow"].long()
+        start, end = int(crow[first]), int(crow[stop])
+        counts = crow[first : stop + 1].diff()
+        local_rows = torch.repeat_interleave(torch.arange(stop - first), counts)
+        cols = tensors["outlier_cols"][start:end].long()
+        weight[local_rows, cols] = tensors["outlier_values"][start:end].float()
+    return weight

@@ -1,19 +1,23 @@
 """Bit packing of quantization codes.
 
 A b-bit quantized weight matrix is stored as a dense little-endian bit stream so that its size on
-disk (and the bits-per-weight we report) is exactly ``numel * b / 8`` bytes, not one byte per
-code.  The layout is the simplest one that is unambiguous for every width 1..8:
+disk (and the bits-per-weight we report) is exactly ``b`` bits per code, not one byte per code.
+The stream is the simplest one that is unambiguous for every width 1..8:
 
-* codes are flattened row-major;
 * code ``i`` occupies stream bits ``[i*b, (i+1)*b)``, least significant bit first;
 * stream bit ``j`` is bit ``j % 8`` of byte ``j // 8`` (LSB-first within each byte);
 * the last byte is zero-padded, so the result has exactly ``ceil(numel*b/8)`` bytes.
 
 For example codes ``[1, 2, 3]`` at 2 bits pack to the single byte ``0b00_11_10_01 == 57``.
 
+A matrix of codes is put in the stream in *row tiles* (:func:`pack_tiled`): rows are padded with
+zero codes to a multiple of ``TILE_ROWS`` (8), and the stream holds tile after tile, within a tile
+column after column, within a column the tile's 8 rows in order. So the 8 codes of one tile and
+one column are exactly ``b`` consecutive bytes: a kernel reads them with one load and gives each
+of 8 output rows its code (docs/format.md, "Codes"; docs/runtime.md).
+
 Mixed precision stores the columns of a weight matrix permuted into bit-homogeneous groups; each
-group is packed on its own and starts on a byte boundary (:func:`pack_groups`), which wastes at
-most 7 bits per group but lets every group be decoded independently.
+group is a tiled matrix of its own (:func:`pack_groups`), always a whole number of bytes.
 
 Implementation: 8 consecutive b-bit codes form exactly ``b`` bytes, so codes are padded to a
 multiple of 8, each group of 8 is combined into one ``8*b``-bit integer (a loop over the 8 code
@@ -26,12 +30,18 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "TILE_ROWS",
     "pack_codes",
     "pack_groups",
+    "pack_tiled",
     "packed_nbytes",
+    "tiled_nbytes",
     "unpack_codes",
     "unpack_groups",
+    "unpack_tiled",
 ]
+
+TILE_ROWS = 8  # rows whose codes for one column are stored together
 
 
 def _check_bits(bits: int) -> None:
@@ -133,12 +143,61 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return out.reshape(-1)[:count]
 
 
-def pack_groups(codes_by_group: list[torch.Tensor], bits_by_group: list[int]) -> torch.Tensor:
-    """Pack several groups of codes, each at its own width, into one uint8 stream.
+def tile_count(rows: int) -> int:
+    """Row tiles of a matrix with ``rows`` rows (the last one padded)."""
+    return -(-rows // TILE_ROWS)
 
-    Each group is packed with :func:`pack_codes` (flattened row-major) and starts on a byte
-    boundary, so the result has ``sum(packed_nbytes(g.numel(), b))`` bytes.  The counts are not
-    stored; the caller keeps them (they follow from the matrix shape and the column permutation).
+
+def tiled_nbytes(rows: int, cols: int, bits: int) -> int:
+    """Bytes of a ``[rows, cols]`` code matrix packed in row tiles: ``ceil(rows/8)*cols*bits``."""
+    _check_bits(bits)
+    _check_count(rows, "rows")
+    _check_count(cols, "cols")
+    return tile_count(rows) * cols * bits
+
+
+def pack_tiled(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a ``[rows, cols]`` code matrix in row tiles (see the module docstring)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be a [rows, cols] matrix, got shape {tuple(codes.shape)}")
+    rows, cols = codes.shape
+    tiles = tile_count(rows)
+    padded = torch.zeros(tiles * TILE_ROWS, cols, dtype=codes.dtype, device=codes.device)
+    padded[:rows] = codes
+    order = padded.view(tiles, TILE_ROWS, cols).transpose(1, 2)  # tile, column, row in tile
+    return pack_codes(order.reshape(-1), bits)
+
+
+def unpack_tiled(
+    packed: torch.Tensor, bits: int, rows: int, cols: int, tiles: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`pack_tiled`: the ``[rows, cols]`` uint8 code matrix.
+
+    With ``tiles=(first, stop)``, only rows ``8*first`` up to ``min(8*stop, rows)``, read from
+    their own bytes (a stripe of the matrix; ``packed`` is still the whole matrix).
+    """
+    first, stop = tiles if tiles is not None else (0, tile_count(rows))
+    if not 0 <= first <= stop <= tile_count(rows):
+        raise ValueError(f"tiles {first}..{stop} outside the {tile_count(rows)} of {rows} rows")
+    need = tiled_nbytes(rows, cols, bits)
+    flat = packed.reshape(-1)
+    if flat.numel() < need:
+        raise ValueError(f"packed has {flat.numel()} bytes but {rows}x{cols} codes need {need}")
+    per_tile = cols * bits
+    part = flat[first * per_tile : stop * per_tile]
+    count = (stop - first) * TILE_ROWS * cols
+    codes = unpack_codes(part, bits, count).view(stop - first, cols, TILE_ROWS).transpose(1, 2)
+    return codes.reshape((stop - first) * TILE_ROWS, cols)[
+        : min(stop * TILE_ROWS, rows) - first * TILE_ROWS
+    ]
+
+
+def pack_groups(codes_by_group: list[torch.Tensor], bits_by_group: list[int]) -> torch.Tensor:
+    """Pack several ``[rows, n_g]`` code matrices, each at its own width, into one uint8 stream.
+
+    Each group is packed with :func:`pack_tiled`, so the result has
+    ``sum(tiled_nbytes(rows, n_g, b))`` bytes. The shapes are not stored; the caller keeps
+    them (they follow from the matrix shape and the bit-group header).
 
     Raises:
         ValueError: if the two lists differ in length, or as :func:`pack_codes`.
@@ -149,35 +208,41 @@ def pack_groups(codes_by_group: list[torch.Tensor], bits_by_group: list[int]) ->
         )
     if not codes_by_group:
         return torch.empty(0, dtype=torch.uint8)
-    parts = [pack_codes(c, b) for c, b in zip(codes_by_group, bits_by_group, strict=True)]
+    parts = [pack_tiled(c, b) for c, b in zip(codes_by_group, bits_by_group, strict=True)]
     return torch.cat(parts)
 
 
+def group_byte_offsets(rows: int, bits_by_group: list[int], sizes: list[int]) -> list[int]:
+    """Where each group's bytes start in the stream :func:`pack_groups` writes, plus the end."""
+    offsets = [0]
+    for bits, size in zip(bits_by_group, sizes, strict=True):
+        offsets.append(offsets[-1] + tiled_nbytes(rows, size, bits))
+    return offsets
+
+
 def unpack_groups(
-    packed: torch.Tensor, bits_by_group: list[int], counts_by_group: list[int]
+    packed: torch.Tensor, bits_by_group: list[int], rows: int, sizes: list[int]
 ) -> list[torch.Tensor]:
-    """Inverse of :func:`pack_groups`: a list of 1-D uint8 code tensors, one per group.
+    """Inverse of :func:`pack_groups`: one ``[rows, n_g]`` uint8 code matrix per group.
 
     Unlike :func:`unpack_codes`, the stream must have exactly the expected total size: it is
     meant to be the whole output of :func:`pack_groups`, and a size mismatch means the widths
-    or counts do not match the ones used for packing.
+    or sizes do not match the ones used for packing.
 
     Raises:
         ValueError: if the lists differ in length or ``packed`` has the wrong number of bytes.
     """
-    if len(bits_by_group) != len(counts_by_group):
-        raise ValueError(f"got {len(bits_by_group)} bit widths but {len(counts_by_group)} counts")
+    if len(bits_by_group) != len(sizes):
+        raise ValueError(f"got {len(bits_by_group)} bit widths but {len(sizes)} group sizes")
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got dtype {packed.dtype}")
-    sizes = [packed_nbytes(c, b) for b, c in zip(bits_by_group, counts_by_group, strict=True)]
+    offsets = group_byte_offsets(rows, bits_by_group, sizes)
     flat = packed.reshape(-1)
-    if flat.numel() != sum(sizes):
+    if flat.numel() != offsets[-1]:
         raise ValueError(
-            f"packed has {flat.numel()} bytes but the groups need exactly {sum(sizes)}"
+            f"packed has {flat.numel()} bytes but the groups need exactly {offsets[-1]}"
         )
-    out: list[torch.Tensor] = []
-    offset = 0
-    for bits, count, size in zip(bits_by_group, counts_by_group, sizes, strict=True):
-        out.append(unpack_codes(flat[offset : offset + size], bits, count))
-        offset += size
-    return out
+    return [
+        unpack_tiled(flat[offsets[g] : offsets[g + 1]], bits, rows, size)
+        for g, (bits, size) in enumerate(zip(bits_by_group, sizes, strict=True))
+    ]

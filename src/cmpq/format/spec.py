@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 QUANT_METHOD = "cmpq"  # config.json's quantization_config.quant_method
 FORMATS = ("packed", "dequantized")
 WEIGHTS_FILE = "model.safetensors"

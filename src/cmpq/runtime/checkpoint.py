@@ -31,12 +31,9 @@ from ..format.checkpoint import check_free_space, packed_state_dict, staged_dire
 from ..format.description import cmpq_quantization_config, read_description
 from ..format.spec import DESCRIPTION_FILE, FORMAT_VERSION, QUANT_METHOD, STATS_FILE, WEIGHTS_FILE
 from ..models.sources import LOAD_ERRORS, load_checkpoint
+from .backends import check_backend_name, default_backend
 from .hf import tied_keys
-from .qlinear import QuantizedLinear
-
-
-def quantized_layers(model) -> dict[str, QuantizedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+from .qlinear import quantized_layers, set_backend
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -121,13 +118,17 @@ def _save_dequantized(model, tokenizer, report, out: Path, overwrite: bool) -> P
     return out
 
 
-def load_quantized(path: Path):
-    """Load a cmpq output directory as ``(model, tokenizer)``."""
+def load_quantized(path: Path, backend: str | None = None):
+    """Load a cmpq output directory as ``(model, tokenizer)``, its quantized linears
+    running on ``backend`` (default: ``$CMPQ_BACKEND`` or ``auto``)."""
     path = Path(path)
+    backend = check_backend_name(backend) if backend is not None else default_backend()
     description = read_description(path)
     if description.get("format") != "packed":
         return load_checkpoint(str(path), {})
-    return _load_packed(path)
+    model, tokenizer = _load_packed(path)
+    set_backend(model, backend)
+    return model, tokenizer
 
 
 def _load_packed(path: Path):

@@ -1,12 +1,13 @@
 """The quantized linear module: it stores packed codes, tables, permutation and
-sparse outliers, and computes its forward from them.
+sparse outliers, and computes its forward from them through a backend
+(:mod:`cmpq.runtime.backends`).
 
-The forward de-quantizes the weight and multiplies (speed comes later). The
-packed codes are unpacked once, lazily, into a uint8 cache that is not part of
-the state dict, so what is saved is exactly what is accounted. The
-de-quantized weight is cached the same way after the first forward (an fp32
-copy: fast evaluation and calibration now, at the memory cost of the dense
-weight; a fused kernel is future work).
+The module's buffers are exactly the stored tensors (docs/format.md), so
+``state_dict``, ``save_pretrained`` and ``load_state_dict`` see the format
+itself; nothing de-quantized is kept between forwards. Derived tensors the
+kernels need (what the codes give at each outlier's position) are small,
+non-persistent buffers, so ``.to(device)`` moves them and the state dict never
+holds them. ``.to(dtype)`` leaves the fp16 tables and outlier values in fp16.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format.layer import LUTLayer, dequantize_layer, from_tensors, to_tensors
-from ..format.spec import STORED_NAMES
+from ..format.layer import LUTLayer, dequantize_rows, from_tensors, to_tensors
+from ..format.spec import FP16_NAMES, STORED_NAMES
+from .backends import default_backend, resolve
 
 
 class QuantizedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held as a :class:`~cmpq.format.layer.LUTLayer`."""
+    """``y = x W^T + b`` with ``W`` held as a :class:`~cmpq.format.layer.LUTLayer`'s stored
+    tensors."""
 
     def __init__(
         self,
@@ -28,16 +31,20 @@ class QuantizedLinear(nn.Module):
         in_features: int,
         layout: str,
         bias: torch.Tensor | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features, self.layout = out_features, in_features, layout
         for name in STORED_NAMES:
             self.register_buffer(name, tensors.get(name))
+        self.register_buffer("outlier_base", None, persistent=False)
         self.bias = (
             nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         )
-        self._layer: LUTLayer | None = None
-        self._dense: torch.Tensor | None = None
+        self.backend = backend or default_backend()
+        self._resolved: tuple | None = None  # (backend name, device, layout) -> implementation
+        self._kernel_layer: tuple | None = None  # (tensor addresses, ctypes struct)
+        self._base_source: tuple | None = None  # the tensors outlier_base was computed from
 
     @classmethod
     def from_layer(cls, layer: LUTLayer, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -49,23 +56,106 @@ class QuantizedLinear(nn.Module):
         }
 
     def layer(self) -> LUTLayer:
-        if self._layer is None:
-            self._layer = from_tensors(
-                self.stored_tensors(), self.out_features, self.in_features, self.layout
-            )
-        return self._layer
+        """The layer with its codes unpacked (built on each call: for inspection, not forward)."""
+        return from_tensors(self.stored_tensors(), self.out_features, self.in_features, self.layout)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_layer(self.layer())
+        """The whole ``[out, in]`` float32 weight (built on each call, never kept)."""
+        rows = (0, self.out_features)
+        return dequantize_rows(
+            self.stored_tensors(), self.out_features, self.in_features, self.layout, rows
+        )
+
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors plus ``outlier_base`` (what the codes give at each outlier's
+        position: the kernels add ``x * (value - base)`` there)."""
+        tensors = self.stored_tensors()
+        if "outlier_values" in tensors:
+            source = (self.codes.data_ptr(), self.lut.data_ptr(), self.outlier_values.data_ptr())
+            if self.outlier_base is None or self._base_source != source:
+                self.outlier_base = self._outlier_base().to(self.codes.device)
+                self._base_source = source
+            tensors["outlier_base"] = self.outlier_base
+        return tensors
+
+    def _outlier_base(self) -> torch.Tensor:
+        tensors = {name: t.cpu() for name, t in self.stored_tensors().items()}
+        crow = tensors["outlier_crow"].long()
+        cols = tensors["outlier_cols"].long()
+        base = torch.empty(cols.numel(), dtype=torch.float16)
+        step = max(8, (1 << 20) // max(self.in_features, 1) // 8 * 8)
+        for first in range(0, self.out_features, step):  # a stripe at a time
+            stop = min(first + step, self.out_features)
+            start, end = int(crow[first]), int(crow[stop])
+            if start == end:
+                continue
+            weight = dequantize_rows(
+                tensors, self.out_features, self.in_features, self.layout, (first, stop), False
+            )
+            rows = torch.repeat_interleave(
+                torch.arange(stop - first), crow[first : stop + 1].diff()
+            )
+            base[start:end] = weight[rows, cols[start:end]].half()
+        return base
+
+    def kernel_layer(self):
+        """The CPU kernel's view of this layer's tensors (rebuilt when they move)."""
+        from .cpu_kernel import layer_struct
+
+        tensors = self.kernel_tensors()
+        key = tuple(t.data_ptr() for t in tensors.values())
+        if self._kernel_layer is None or self._kernel_layer[0] != key:
+            self._kernel_layer = (key, layer_struct(tensors, self.out_features, self.in_features))
+        return self._kernel_layer[1]
+
+    def implementation(self):
+        """The backend object that runs this layer where it is now."""
+        key = (self.backend, self.codes.device, self.layout)
+        if self._resolved is None or self._resolved[0] != key:
+            self._resolved = (key, resolve(self.backend, self))
+        return self._resolved[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is None or self._dense.dtype != x.dtype:
-            self._dense = self.dequantized_weight().to(x.dtype)
-        weight = self._dense
-        return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = self.implementation().forward(self, rows)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in FP16_NAMES if getattr(self, name) is not None}
+        if self.outlier_base is not None:
+            kept["outlier_base"] = self.outlier_base
+        super()._apply(fn, recurse)
+        for name, before in kept.items():  # moved, but never converted out of fp16
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)  # copies in place: addresses stay
+        self.outlier_base = self._kernel_layer = self._base_source = None
 
     def extra_repr(self) -> str:
         widths = ",".join(str(int(b)) for b in self.group_bits)
         return (
-            f"in={self.in_features}, out={self.out_features}, bits={widths}, layout={self.layout}"
+            f"in={self.in_features}, out={self.out_features}, bits={widths}, "
+            f"layout={self.layout}, backend={self.backend}"
         )
+
+
+def quantized_layers(model) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def set_backend(model, backend: str) -> dict[str, str]:
+    """Run every quantized linear of ``model`` on ``backend`` (see
+    :mod:`cmpq.runtime.backends`); returns which backend each layer got. A named
+    backend that cannot run a layer raises :class:`~cmpq.errors.CmpqError` here,
+    before any forward."""
+    chosen = {}
+    for name, module in quantized_layers(model).items():
+        module.backend = backend
+        chosen[name] = module.implementation().name
+    return chosen
