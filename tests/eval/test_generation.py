@@ -10,8 +10,10 @@ import torch
 from cmpq.cli import main
 from cmpq.errors import CmpqError
 from cmpq.eval.generation import generate, prompt_ids
+from cmpq.runtime import cpu_kernel
+from cmpq.runtime.checkpoint import save_quantized
 
-from tiny import make_tiny_model
+from tiny import make_tiny_model, quantize_tiny
 
 PROMPT = "The quick brown fox"
 
@@ -118,3 +120,34 @@ def test_a_pad_id_of_zero_is_the_pad_id(tiny_tokenizer, monkeypatch):
     assert seen["pad"] == 0
     generate(model, tiny_tokenizer, PROMPT, max_new_tokens=2)  # no pad token: EOS stands in
     assert seen["pad"] == tiny_tokenizer.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def quantized_output(tmp_path_factory, tiny_tokenizer):
+    model, report = quantize_tiny("llama")
+    return save_quantized(model, tiny_tokenizer, report, tmp_path_factory.mktemp("q") / "out")
+
+
+@pytest.mark.skipif(cpu_kernel.unavailable_reason() is not None, reason="no CPU kernel here")
+def test_cli_backends_agree_and_report_prefill_decode_and_memory(
+    capsys, tmp_path, quantized_output
+):
+    results = {}
+    for backend in ("torch", "cpu"):
+        report = tmp_path / f"{backend}.json"
+        argv = ["generate", str(quantized_output), PROMPT, "--max-new-tokens", "6"]
+        code = main([*argv, "--backend", backend, "--json", str(report)])
+        out = capsys.readouterr().out
+        assert code == 0 and "prefill" in out and "decode" in out and "above the process" in out
+        results[backend] = json.loads(report.read_text())
+    assert results["torch"]["text"] == results["cpu"]["text"]
+    for payload in results.values():
+        assert payload["prefill_tokens_per_second"] > 0 and payload["decode_tokens_per_second"] > 0
+        assert 0 < payload["model_bytes"] < payload["resident_bytes"]
+
+
+def test_cli_refuses_an_unknown_backend(capsys, quantized_output):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", str(quantized_output), PROMPT, "--backend", "gpu"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--backend" in err and "invalid choice" in err
