@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-quantize and llama-imatrix from the sources vendored in
+# Build llama.cpp's llama-quantize, llama-imatrix and llama-bench from the sources vendored in
 # the llama-cpp-python source package on PyPI (the only way to reach llama.cpp
 # from a machine that sees package registries only).  The build takes about
 # 30 minutes on 2 cores, so it lives in the cmpq cache, outside the repository,
@@ -15,7 +15,8 @@ SRC="$ROOT/llama_cpp_python-$VERSION/vendor/llama.cpp"
 BUILD="$ROOT/build"
 PIP="${PIP:-pip}"
 
-if [[ -x "$BUILD/bin/llama-quantize" && -x "$BUILD/bin/llama-imatrix" ]]; then
+if [[ -x "$BUILD/bin/llama-quantize" && -x "$BUILD/bin/llama-imatrix" \
+    && -x "$BUILD/bin/llama-bench" ]]; then
     echo "$ROOT"
     exit 0
 fi
@@ -29,5 +30,5 @@ fi
 cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$BUILD" --target llama-quantize llama-imatrix -j "$(nproc)" >&2
+cmake --build "$BUILD" --target llama-quantize llama-imatrix llama-bench -j "$(nproc)" >&2
 echo "$ROOT"

@@ -34,6 +34,7 @@ from .models.graph import quantizable_linears
 from .models.sources import DEFAULT_MODEL
 from .runtime.backends import BACKENDS
 from .runtime.checkpoint import dense_checkpoint_bytes, tokenizer_bytes
+from .runtime.embeddings import EMBEDDING_DTYPES
 
 EXIT_USER_ERROR = 2
 CONFIGS = {"cmpq": CMPQConfig, "rtn": RTNConfig}
@@ -190,11 +191,18 @@ def _add_backend_option(parser: argparse.ArgumentParser) -> None:
         help="what runs a cmpq output's quantized linears: auto (default, or $CMPQ_BACKEND), "
         "cpu (compiled kernel), triton (GPU), torch (reference)",
     )
+    parser.add_argument(
+        "--embedding-dtype",
+        choices=list(EMBEDDING_DTYPES),
+        default="bfloat16",
+        help="a cmpq output's embeddings and lm_head: bfloat16 (default: half the memory, "
+        "faster) or float32 (the stored fp16 values exactly)",
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     _check_dataset(args.dataset)
-    model, tokenizer = load_model(args.model, args.backend)
+    model, tokenizer = load_model(args.model, args.backend, args.embedding_dtype)
     result = perplexity(model, tokenizer, args.dataset, args.seqlen, args.windows, args.model)
     print(result.summary())
     _write_json(args.json, result.as_dict())
@@ -234,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     check_generation_options(args.max_new_tokens, args.temperature)
     baseline = resident_bytes()
-    model, tokenizer = load_model(args.model, args.backend)
+    model, tokenizer = load_model(args.model, args.backend, args.embedding_dtype)
     print(args.prompt, end="", flush=True)
     result = generate(
         model,

@@ -26,7 +26,7 @@ def _edit_description(out, edit):
 def test_save_load_round_trip(tmp_path, quantized_tiny, tiny_tokenizer):
     model, report = quantized_tiny
     out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
-    loaded, tokenizer = load_quantized(out)
+    loaded, tokenizer = load_quantized(out, embedding_dtype="float32")
     x = tiny_batch(1, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
@@ -121,7 +121,7 @@ def test_description_holds_no_run_timings(tmp_path, quantized_tiny, tiny_tokeniz
 
 def test_tied_conv1d_model_round_trip(tmp_path, tiny_tokenizer):
     model, out = _quantized_and_saved("gpt2", tmp_path / "q", tiny_tokenizer)  # tied, Conv1D
-    loaded, _ = load_quantized(out)
+    loaded, _ = load_quantized(out, embedding_dtype="float32")
     x = tiny_batch(1, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
@@ -205,3 +205,22 @@ def test_a_bug_in_cmpq_is_not_reported_as_an_unreadable_checkpoint(
     monkeypatch.setattr("cmpq.runtime.hf.read_checked_layers", buggy)
     with pytest.raises(RuntimeError, match="a bug in cmpq's loader"):
         load_quantized(out)
+
+
+def test_embeddings_held_in_bfloat16_by_default(tmp_path, quantized_tiny, tiny_tokenizer):
+    model, report = quantized_tiny
+    out = save_quantized(model, tiny_tokenizer, report, tmp_path / "q")
+    compact, _ = load_quantized(out)
+    exact, _ = load_quantized(out, embedding_dtype="float32")
+    assert compact.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert compact.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert exact.get_input_embeddings().weight.dtype == torch.float32
+    x = tiny_batch(1, 12)
+    with torch.no_grad():
+        logits, reference = compact(x).logits, exact(x).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(reference, model(x).logits)
+    error = (logits - reference).abs().max().item()
+    assert 0 < error < 0.02 * reference.abs().max().item()  # bf16 rounding, no more
+    with pytest.raises(CmpqError, match="`embedding_dtype` must be one of bfloat16, float32"):
+        load_quantized(out, embedding_dtype="float16")

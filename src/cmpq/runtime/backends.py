@@ -58,12 +58,12 @@ def stripe_rows(in_features: int) -> int:
 def matmul_by_stripes(module, x: torch.Tensor, dequantize) -> torch.Tensor:
     """``x @ W^T`` with ``W`` produced a stripe of rows at a time by
     ``dequantize(first, stop) -> [stop - first, in]``."""
-    y_t = torch.empty(module.out_features, x.shape[0], dtype=torch.float32, device=x.device)
     step = stripe_rows(module.in_features)
-    for first in range(0, module.out_features, step):
-        stop = min(first + step, module.out_features)
-        torch.mm(dequantize(first, stop), x.t(), out=y_t[first:stop])
-    return y_t.t()
+    parts = [
+        dequantize(first, min(first + step, module.out_features)) @ x.t()
+        for first in range(0, module.out_features, step)
+    ]
+    return torch.cat(parts).t()
 
 
 class TorchBackend:

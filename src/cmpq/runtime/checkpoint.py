@@ -32,6 +32,7 @@ from ..format.description import cmpq_quantization_config, read_description
 from ..format.spec import DESCRIPTION_FILE, FORMAT_VERSION, QUANT_METHOD, STATS_FILE, WEIGHTS_FILE
 from ..models.sources import LOAD_ERRORS, load_checkpoint
 from .backends import check_backend_name, default_backend
+from .embeddings import EMBEDDING_DTYPES, hold_embeddings_in
 from .hf import tied_keys
 from .qlinear import quantized_layers, set_backend
 
@@ -118,16 +119,22 @@ def _save_dequantized(model, tokenizer, report, out: Path, overwrite: bool) -> P
     return out
 
 
-def load_quantized(path: Path, backend: str | None = None):
-    """Load a cmpq output directory as ``(model, tokenizer)``, its quantized linears
-    running on ``backend`` (default: ``$CMPQ_BACKEND`` or ``auto``)."""
+def load_quantized(path: Path, backend: str | None = None, embedding_dtype: str = "bfloat16"):
+    """Load a cmpq output directory as ``(model, tokenizer)``: its quantized linears
+    run on ``backend`` (default: ``$CMPQ_BACKEND`` or ``auto``), its embeddings and
+    ``lm_head`` are held in ``embedding_dtype`` (``bfloat16`` or ``float32``; see
+    :mod:`cmpq.runtime.embeddings`)."""
     path = Path(path)
     backend = check_backend_name(backend) if backend is not None else default_backend()
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        choices = ", ".join(EMBEDDING_DTYPES)
+        raise CmpqError(f"`embedding_dtype` must be one of {choices}, got {embedding_dtype!r}")
     description = read_description(path)
     if description.get("format") != "packed":
         return load_checkpoint(str(path), {})
     model, tokenizer = _load_packed(path)
     set_backend(model, backend)
+    hold_embeddings_in(model, EMBEDDING_DTYPES[embedding_dtype])
     return model, tokenizer
 
 

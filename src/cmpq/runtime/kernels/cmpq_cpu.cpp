@@ -35,6 +35,7 @@ struct Layer {
   const uint8_t* group_bits;       // [groups]
   const int32_t* group_sizes;      // [groups]
   const uint8_t* codes;            // tiled codes, group after group
+  int64_t codes_bytes;             // their length (the kernel never reads past it)
   const uint16_t* lut;             // fp16 bits: per group [n_g, 2^b]
   const void* perm;                // [in] int16 or int32: stored column -> original column
   int64_t perm_bytes;              // 2 or 4
@@ -265,77 +266,117 @@ void decode_portable(const Layer& layer, const GroupOffsets& o, const float* x, 
 // ---- AVX2 decode ----
 
 #if CMPQ_X86
-template <int B>
+// The 8 codes of one tile and one column, one per lane. `Wide`: the bytes after them may be
+// read too (one 4- or 8-byte load); otherwise exactly B bytes are read (the stream's end).
+template <int B, bool Wide>
 __attribute__((target("avx2,fma,f16c"))) inline __m256i code_lanes(const uint8_t* p) {
-  const uint64_t word = load_code_bytes<B>(p);
+  uint64_t word;
+  if constexpr (Wide && B <= 4) {
+    uint32_t low;
+    std::memcpy(&low, p, sizeof low);
+    word = low;
+  } else if constexpr (Wide) {
+    std::memcpy(&word, p, sizeof word);
+  } else {
+    word = load_code_bytes<B>(p);
+  }
+  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
   if constexpr (B <= 4) {
     const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
-                            _mm256_set1_epi32((1 << B) - 1));
+                            mask);
   } else {
     const int low = static_cast<int>(word & 0xffffffffu);
     const int high = static_cast<int>(word >> (4 * B));
     const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B);
     const __m256i halves = _mm256_setr_epi32(low, low, low, low, high, high, high, high);
-    return _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), _mm256_set1_epi32((1 << B) - 1));
+    return _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
   }
 }
 
+// Each lane's entry of one column's table (`row`, 2^B entries padded to at least 8).
 template <int B>
 __attribute__((target("avx2,fma,f16c"))) inline __m256 look_up(const float* row, __m256i lanes) {
   if constexpr (B <= 3) {
     return _mm256_permutevar8x32_ps(_mm256_loadu_ps(row), lanes);
-  } else if constexpr (B == 4) {
-    const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row), lanes);
-    const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 8), lanes);
-    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 28)));
+  } else if constexpr (B <= 5) {  // 8 entries per permute; the code's upper bits choose
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 28));
+    const __m256 low = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(row), lanes),
+                                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 8), lanes),
+                                        bit3);
+    if constexpr (B == 4) {
+      return low;
+    } else {
+      const __m256 high =
+          _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 16), lanes),
+                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 24), lanes), bit3);
+      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 27)));
+    }
   } else {
     return _mm256_i32gather_ps(row, lanes, 4);
   }
 }
 
-template <int B, int T>
-__attribute__((target("avx2,fma,f16c"))) void decode_block_avx2(
-    const uint8_t* codes, int64_t size, int64_t count, const float* table, int64_t stride,
-    int64_t tile_first, int64_t tile_stop, float* y, int64_t y_stride) {
+// acc[t] += one tile's 8 row sums over `count` columns, for T tokens
+template <int B, int T, bool Wide>
+__attribute__((target("avx2,fma,f16c"))) inline void tile_sums(const uint8_t* p, int64_t count,
+                                                               const float* table,
+                                                               int64_t stride, __m256* sums) {
   constexpr int kUnroll = T == 1 ? 4 : (T <= 3 ? 2 : 1);
-  for (int64_t tile = tile_first; tile < tile_stop; ++tile) {
-    const uint8_t* p = codes + tile * size * B;
-    __m256 acc[kUnroll][T];
+  __m256 acc[kUnroll][T];
 #pragma GCC unroll 8
-    for (int u = 0; u < kUnroll; ++u)
+  for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + kUnroll <= count; j += kUnroll) {
+    for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + kUnroll <= count; j += kUnroll) {
 #pragma GCC unroll 8
-      for (int u = 0; u < kUnroll; ++u) {
-        const __m256i lanes = code_lanes<B>(p + (j + u) * B);
-#pragma GCC unroll 8
-        for (int t = 0; t < T; ++t)
-          acc[u][t] = _mm256_add_ps(acc[u][t],
-                                    look_up<B>(table + (t * count + j + u) * stride, lanes));
-      }
-    }
-    for (; j < count; ++j) {
-      const __m256i lanes = code_lanes<B>(p + j * B);
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m256i lanes = code_lanes<B, Wide>(p + (j + u) * B);
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t)
-        acc[0][t] = _mm256_add_ps(acc[0][t], look_up<B>(table + (t * count + j) * stride, lanes));
+        acc[u][t] =
+            _mm256_add_ps(acc[u][t], look_up<B>(table + (t * count + j + u) * stride, lanes));
+    }
+  }
+  for (; j < count; ++j) {
+    const __m256i lanes = code_lanes<B, false>(p + j * B);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+      acc[0][t] = _mm256_add_ps(acc[0][t], look_up<B>(table + (t * count + j) * stride, lanes));
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    __m256 sum = acc[0][t];
+#pragma GCC unroll 8
+    for (int u = 1; u < kUnroll; ++u) sum = _mm256_add_ps(sum, acc[u][t]);
+    sums[t] = sum;
+  }
+}
+
+template <int B, int T>
+__attribute__((target("avx2,fma,f16c"))) void decode_block_avx2(
+    const uint8_t* codes, const uint8_t* codes_end, int64_t size, int64_t count,
+    const float* table, int64_t stride, int64_t tile_first, int64_t tile_stop, float* y,
+    int64_t y_stride) {
+  for (int64_t tile = tile_first; tile < tile_stop; ++tile) {
+    const uint8_t* p = codes + tile * size * B;
+    __m256 sums[T];
+    if (p + count * B + 8 <= codes_end) {
+      tile_sums<B, T, true>(p, count, table, stride, sums);
+    } else {
+      tile_sums<B, T, false>(p, count, table, stride, sums);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
-      __m256 sum = acc[0][t];
-#pragma GCC unroll 8
-      for (int u = 1; u < kUnroll; ++u) sum = _mm256_add_ps(sum, acc[u][t]);
       float* out = y + t * y_stride + tile * kTileRows;
-      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sum));
+      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sums[t]));
     }
   }
 }
 
-using BlockFn = void (*)(const uint8_t*, int64_t, int64_t, const float*, int64_t, int64_t,
-                         int64_t, float*, int64_t);
+using BlockFn = void (*)(const uint8_t*, const uint8_t*, int64_t, int64_t, const float*,
+                         int64_t, int64_t, int64_t, float*, int64_t);
 
 template <int B>
 BlockFn block_for_tokens(int64_t tokens) {
@@ -373,13 +414,14 @@ void decode_avx2(const Layer& layer, const GroupOffsets& o, const float* x, int6
     const int64_t stride = std::max<int64_t>(8, int64_t{1} << bits);
     const int64_t block = std::max<int64_t>(4, kTableFloats / (tokens * stride));
     const BlockFn fn = block_function(bits, tokens);
+    const uint8_t* codes_end = layer.codes + layer.codes_bytes;
     for (int64_t j0 = 0; j0 < size; j0 += block) {
       const int64_t count = std::min(block, size - j0);
       table.resize(tokens * count * stride);
       build_tables(layer, x, tokens, bits, o.column[g] + j0,
                    layer.lut + o.lut[g] + (j0 << bits), count, stride, table.data());
-      fn(layer.codes + o.codes[g] + j0 * bits, size, count, table.data(), stride, tile_first,
-         tile_stop, y, y_stride);
+      fn(layer.codes + o.codes[g] + j0 * bits, codes_end, size, count, table.data(), stride,
+         tile_first, tile_stop, y, y_stride);
     }
   }
 }
