@@ -200,8 +200,9 @@ inline uint64_t load_code_bytes(const uint8_t* p, int bits) {
   return word;
 }
 
-// tables of one column block: table[t][j][k] = x[t][perm[column + j]] * lut[j][k],
-// each padded to `stride` entries
+// tables of one column block: table[t][j][k] = x[t][perm[column + j]] * lut[j][k % 2^bits],
+// `stride` entries each: a table narrower than 8 repeats itself, so an index whose bits above
+// the code's are not cleared still finds the right entry
 void build_tables(const Layer& layer, const float* x, int64_t tokens, int bits, int64_t column,
                   const uint16_t* lut, int64_t count, int64_t stride, float* table) {
   const int64_t entries = int64_t{1} << bits;
@@ -212,8 +213,7 @@ void build_tables(const Layer& layer, const float* x, int64_t tokens, int bits, 
     for (int64_t t = 0; t < tokens; ++t) {
       const float scale = x[t * layer.in_features + original];
       float* row = table + (t * count + j) * stride;
-      for (int64_t k = 0; k < entries; ++k) row[k] = scale * values[k];
-      for (int64_t k = entries; k < stride; ++k) row[k] = 0.0f;
+      for (int64_t k = 0; k < stride; ++k) row[k] = scale * values[k % entries];
     }
   }
 }
@@ -280,17 +280,19 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i code_lanes(const uint8_t
   } else {
     word = load_code_bytes<B>(p);
   }
-  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+  // up to 5 bits the lanes keep the bits above their code: the permutes read the low 3 bits
+  // of an index and the blends bit 3 or 4 (shifted to the sign), so nothing else matters
   if constexpr (B <= 4) {
     const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
-                            mask);
+    return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
   } else {
     const int low = static_cast<int>(word & 0xffffffffu);
     const int high = static_cast<int>(word >> (4 * B));
     const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B);
     const __m256i halves = _mm256_setr_epi32(low, low, low, low, high, high, high, high);
-    return _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
+    const __m256i lanes = _mm256_srlv_epi32(halves, shifts);
+    if constexpr (B == 5) return lanes;
+    return _mm256_and_si256(lanes, _mm256_set1_epi32((1 << B) - 1));  // gather indices
   }
 }
 
