@@ -121,3 +121,37 @@ def make_tiny_tokenizer():
 def tiny_batch(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     """``[rows, length]`` random token ids below 300, the same for the same seed."""
     return torch.randint(0, 300, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def random_layer(out_features, in_features, widths, layout="column", outliers=0, seed=0):
+    """A random quantized layer: columns cycling through ``widths``, random codes, tables
+    and ``outliers`` outliers at random positions."""
+    from cmpq.format.layer import LUTLayer, storage_order
+
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.tensor([widths[i % len(widths)] for i in range(in_features)])
+    group_bits, group_sizes, perm, _ = storage_order(bits)
+    codes = [
+        torch.randint(0, 2**b, (out_features, n), dtype=torch.uint8, generator=gen)
+        for b, n in zip(group_bits, group_sizes, strict=True)
+    ]
+    rows_of = (lambda n: out_features) if layout == "row" else (lambda n: n)
+    luts = [
+        torch.randn(rows_of(n), 2**b, generator=gen).half()
+        for b, n in zip(group_bits, group_sizes, strict=True)
+    ]
+    where = torch.randperm(out_features * in_features, generator=gen)[:outliers].sort().values
+    values = (10 * torch.randn(outliers, generator=gen)).half()
+    return LUTLayer(
+        out_features,
+        in_features,
+        layout,
+        group_bits,
+        group_sizes,
+        perm,
+        codes,
+        luts,
+        where // in_features,
+        where % in_features,
+        values,
+    )

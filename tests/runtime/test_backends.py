@@ -8,47 +8,17 @@ import pytest
 import torch
 
 from cmpq.errors import CmpqError, CmpqWarning
-from cmpq.format.layer import LUTLayer, dequantize_layer, storage_order
+from cmpq.format.layer import dequantize_layer
 from cmpq.format.spec import STORED_NAMES
 from cmpq.runtime import backends, cpu_kernel
 from cmpq.runtime.qlinear import QuantizedLinear, set_backend
 
-from tiny import quantize_tiny, tiny_batch
+from tiny import quantize_tiny, random_layer, tiny_batch
 
 WIDTHS = [[b] for b in range(1, 9)] + [[2, 3], list(range(1, 9))]
 SHAPES = [(13, 11), (37, 29), (64, 40)]
 TOKENS = [1, 3, 17, 512]
 CPU_ISAS = ["avx2", "portable"] if cpu_kernel.unavailable_reason() is None else []
-
-
-def random_layer(out_features, in_features, widths, layout="column", outliers=0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    bits = torch.tensor([widths[i % len(widths)] for i in range(in_features)])
-    group_bits, group_sizes, perm, _ = storage_order(bits)
-    codes = [
-        torch.randint(0, 2**b, (out_features, n), dtype=torch.uint8, generator=gen)
-        for b, n in zip(group_bits, group_sizes, strict=True)
-    ]
-    rows_of = (lambda n: out_features) if layout == "row" else (lambda n: n)
-    luts = [
-        torch.randn(rows_of(n), 2**b, generator=gen).half()
-        for b, n in zip(group_bits, group_sizes, strict=True)
-    ]
-    where = torch.randperm(out_features * in_features, generator=gen)[:outliers].sort().values
-    values = (10 * torch.randn(outliers, generator=gen)).half()
-    return LUTLayer(
-        out_features,
-        in_features,
-        layout,
-        group_bits,
-        group_sizes,
-        perm,
-        codes,
-        luts,
-        where // in_features,
-        where % in_features,
-        values,
-    )
 
 
 def check_against_reference(module, layer, tokens, dtype=torch.float32, seed=1):

@@ -192,3 +192,39 @@ def dequantize_rows(
         cols = tensors["outlier_cols"][start:end].long()
         weight[local_rows, cols] = tensors["outlier_values"][start:end].float()
     return weight
+
+
+def table_values_at(
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    layout: str,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """What the codes and tables give at positions ``(rows, cols)`` (original columns),
+    float32, read from the packed stream position by position (no matrix is built)."""
+    group_bits = tensors["group_bits"].long()
+    sizes = tensors["group_sizes"].long()
+    code_offsets = torch.tensor(
+        group_byte_offsets(out_features, group_bits.tolist(), sizes.tolist())
+    )
+    table_offsets = torch.tensor(
+        lut_offsets(layout, out_features, group_bits.tolist(), sizes.tolist())
+    )
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    stored = torch.empty_like(tensors["perm"], dtype=torch.long)
+    stored[tensors["perm"].long()] = torch.arange(stored.numel())
+    position = stored[cols.long()]
+    group = torch.searchsorted(starts, position, right=True) - 1
+    bits, column = group_bits[group], position - starts[group]
+    rows = rows.long()
+    first_bit = (rows % TILE_ROWS) * bits
+    byte = code_offsets[group] + ((rows // TILE_ROWS) * sizes[group] + column) * bits
+    byte = byte + first_bit // 8
+    codes = tensors["codes"].long()
+    following = torch.where(byte + 1 < codes.numel(), byte + 1, byte)
+    word = codes[byte] | (codes[following] << 8)
+    code = (word >> (first_bit % 8)) & ((1 << bits) - 1)
+    owner = rows if layout == "row" else column
+    entry = table_offsets[group] + owner * (1 << bits) + code
+    return tensors["lut"][entry].float()

@@ -12,7 +12,9 @@ registration API, the config class and the quantizer that turns it into
 - transformers' loader then fills everything else (embeddings, norms, biases)
   and copies the same stored tensors into the modules' buffers;
 - afterwards the tables and outlier values are put back in fp16 whatever
-  ``dtype`` was asked for, so the model is exactly what was saved.
+  ``dtype`` was asked for, so the model is exactly what was saved, and every
+  stored tensor is copied out of the file's memory map (which is then
+  released: the map would keep the pages loading touched resident).
 
 ``save_pretrained`` works on such a model: the buffers are the stored tensors,
 and non-quantized parameters are written in fp16 (they were rounded to fp16
@@ -105,11 +107,13 @@ class CmpqHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # own copies: a view into the file's memory map would keep every page of the file
+        # that loading touched (the fp16 embeddings too) resident as long as the model lives
         for module in model.modules():
             if isinstance(module, QuantizedLinear):
-                for name in FP16_NAMES:
-                    if getattr(module, name) is not None:
-                        setattr(module, name, getattr(module, name).half())
+                for name, tensor in module.stored_tensors().items():
+                    fp16 = name in FP16_NAMES and tensor.dtype != torch.float16
+                    setattr(module, name, tensor.half() if fp16 else tensor.clone())
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format.layer import LUTLayer, dequantize_rows, from_tensors, to_tensors
+from ..format.layer import (
+    LUTLayer,
+    dequantize_rows,
+    from_tensors,
+    table_values_at,
+    to_tensors,
+)
 from ..format.spec import FP16_NAMES, STORED_NAMES
 from .backends import default_backend, resolve
 
@@ -66,46 +72,36 @@ class QuantizedLinear(nn.Module):
             self.stored_tensors(), self.out_features, self.in_features, self.layout, rows
         )
 
+    def _stored_key(self) -> tuple[int, ...]:
+        """Identifies the stored tensors held now (a cache built from others is stale)."""
+        return tuple(id(self._buffers[name]) for name in STORED_NAMES)
+
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors plus ``outlier_base`` (what the codes give at each outlier's
         position: the kernels add ``x * (value - base)`` there)."""
         tensors = self.stored_tensors()
         if "outlier_values" in tensors:
-            source = (self.codes.data_ptr(), self.lut.data_ptr(), self.outlier_values.data_ptr())
-            if self.outlier_base is None or self._base_source != source:
+            if self.outlier_base is None or self._base_source != self._stored_key():
                 self.outlier_base = self._outlier_base().to(self.codes.device)
-                self._base_source = source
+                self._base_source = self._stored_key()
             tensors["outlier_base"] = self.outlier_base
         return tensors
 
     def _outlier_base(self) -> torch.Tensor:
         tensors = {name: t.cpu() for name, t in self.stored_tensors().items()}
-        crow = tensors["outlier_crow"].long()
-        cols = tensors["outlier_cols"].long()
-        base = torch.empty(cols.numel(), dtype=torch.float16)
-        step = max(8, (1 << 20) // max(self.in_features, 1) // 8 * 8)
-        for first in range(0, self.out_features, step):  # a stripe at a time
-            stop = min(first + step, self.out_features)
-            start, end = int(crow[first]), int(crow[stop])
-            if start == end:
-                continue
-            weight = dequantize_rows(
-                tensors, self.out_features, self.in_features, self.layout, (first, stop), False
-            )
-            rows = torch.repeat_interleave(
-                torch.arange(stop - first), crow[first : stop + 1].diff()
-            )
-            base[start:end] = weight[rows, cols[start:end]].half()
-        return base
+        counts = tensors["outlier_crow"].long().diff()
+        rows = torch.repeat_interleave(torch.arange(self.out_features), counts)
+        cols = tensors["outlier_cols"]
+        return table_values_at(tensors, self.out_features, self.layout, rows, cols).half()
 
     def kernel_layer(self):
-        """The CPU kernel's view of this layer's tensors (rebuilt when they move)."""
+        """The CPU kernel's view of this layer's tensors (rebuilt when they change)."""
         from .cpu_kernel import layer_struct
 
-        tensors = self.kernel_tensors()
-        key = tuple(t.data_ptr() for t in tensors.values())
+        key = self._stored_key()
         if self._kernel_layer is None or self._kernel_layer[0] != key:
-            self._kernel_layer = (key, layer_struct(tensors, self.out_features, self.in_features))
+            struct = layer_struct(self.kernel_tensors(), self.out_features, self.in_features)
+            self._kernel_layer = (key, struct)
         return self._kernel_layer[1]
 
     def implementation(self):
@@ -131,6 +127,9 @@ class QuantizedLinear(nn.Module):
             after = getattr(self, name)
             if after.dtype != before.dtype:
                 setattr(self, name, before.to(after.device))
+        self._kernel_layer = None  # the struct points at the tensors before the move
+        if self.outlier_base is not None:
+            self._base_source = self._stored_key()  # moved with the others: still right
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
