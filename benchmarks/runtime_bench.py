@@ -275,27 +275,38 @@ def ensure_output(model: str, bits: float) -> Path:
 
 
 def measure_child(spec: dict) -> dict:
-    """In a fresh process: load one variant, measure memory, decode and prefill."""
-    import transformers  # noqa: F401
+    """In a fresh process: load one variant, measure memory, decode and prefill.
 
-    import cmpq
+    The bare process has imported torch, transformers and cmpq, loaded the tokenizer and
+    built the model on the meta device (so the modelling code and what it imports are
+    loaded too): what loading adds above that is the model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from cmpq.calib.text import cut_windows, load_text
     from cmpq.eval.generation import generate
     from cmpq.memory import resident_bytes
     from cmpq.models.conventions import needs_bos
-    from cmpq.models.sources import load_pretrained
+    from cmpq.models.sources import alias_checkpoint
+    from cmpq.runtime.checkpoint import load_quantized
 
+    quantized = spec["variant"].startswith("cmpq")
+    source = spec["path"] if quantized else str(alias_checkpoint(spec["model"]))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    gc.collect()
     baseline = resident_bytes()
     start = time.perf_counter()
-    if spec["variant"] in ("float32", "bfloat16"):
-        model, tokenizer = load_pretrained(spec["model"])
-        model = model.to(getattr(torch, spec["variant"]))
+    if quantized:
+        model, _ = load_quantized(Path(source), spec["backend"], with_tokenizer=False)
     else:
-        model, tokenizer = cmpq.load(spec["path"], backend=spec["backend"])
+        dtype = getattr(torch, spec["variant"])
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     load_seconds = time.perf_counter() - start
     gc.collect()
     after_load = resident_bytes() - baseline
     result = generate(model, tokenizer, PROMPT, max_new_tokens=NEW_TOKENS)
+    after_generate = resident_bytes() - baseline  # before the prefill's 512 x vocab logits
     ids = tokenizer(load_text("wikitext2")[:20000], add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if needs_bos(tokenizer, model) else None
     window = cut_windows(torch.tensor(ids), PREFILL_TOKENS, 1, bos)[:1]
@@ -304,7 +315,7 @@ def measure_child(spec: dict) -> dict:
     return {
         "load_seconds": load_seconds,
         "resident_after_load": after_load,
-        "resident_after_generate": resident_bytes() - baseline,
+        "resident_after_generate": after_generate,
         "decode_tokens_per_s": result.decode_tokens_per_second,
         "new_tokens": result.new_tokens,
         "prefill_tokens_per_s": PREFILL_TOKENS / prefill,
@@ -396,7 +407,8 @@ def bench_models(args) -> None:
 
 def model_table(rows: list[dict]) -> list[str]:
     lines = [
-        f"Resident memory above the bare process (torch, transformers, cmpq imported), greedy "
+        f"Resident memory above the bare process (torch, transformers, cmpq imported, the "
+        "tokenizer loaded, the model built on the meta device), greedy "
         f"decode of {NEW_TOKENS} new tokens after a short prompt, prefill of one "
         f"{PREFILL_TOKENS}-token WikiText-2 window; torch's default threads. cmpq outputs "
         "loaded by `cmpq.load` (embeddings and lm_head in bfloat16). llama.cpp rows: "

@@ -119,11 +119,17 @@ def _save_dequantized(model, tokenizer, report, out: Path, overwrite: bool) -> P
     return out
 
 
-def load_quantized(path: Path, backend: str | None = None, embedding_dtype: str = "bfloat16"):
+def load_quantized(
+    path: Path,
+    backend: str | None = None,
+    embedding_dtype: str = "bfloat16",
+    with_tokenizer: bool = True,
+):
     """Load a cmpq output directory as ``(model, tokenizer)``: its quantized linears
     run on ``backend`` (default: ``$CMPQ_BACKEND`` or ``auto``), its embeddings and
     ``lm_head`` are held in ``embedding_dtype`` (``bfloat16`` or ``float32``; see
-    :mod:`cmpq.runtime.embeddings`)."""
+    :mod:`cmpq.runtime.embeddings`). Without ``with_tokenizer`` the tokenizer is
+    ``None`` (a packed output's model alone, as a memory benchmark needs it)."""
     path = Path(path)
     backend = check_backend_name(backend) if backend is not None else default_backend()
     if embedding_dtype not in EMBEDDING_DTYPES:
@@ -132,13 +138,13 @@ def load_quantized(path: Path, backend: str | None = None, embedding_dtype: str 
     description = read_description(path)
     if description.get("format") != "packed":
         return load_checkpoint(str(path), {})
-    model, tokenizer = _load_packed(path)
+    model, tokenizer = _load_packed(path, with_tokenizer)
     set_backend(model, backend)
     hold_embeddings_in(model, EMBEDDING_DTYPES[embedding_dtype])
     return model, tokenizer
 
 
-def _load_packed(path: Path):
+def _load_packed(path: Path, with_tokenizer: bool = True):
     """Load through ``AutoModelForCausalLM.from_pretrained``: the quantizer cmpq
     registers (:mod:`cmpq.runtime.hf`) checks the stored tensors and builds the modules."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,7 +155,7 @@ def _load_packed(path: Path):
         raise CmpqError(f"{path}/config.json has no cmpq quantization_config")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except CmpqError as exc:
         raise CmpqError(f"{path} is not a readable cmpq checkpoint: {exc}") from None
     except LOAD_ERRORS as exc:  # missing, truncated or garbled files

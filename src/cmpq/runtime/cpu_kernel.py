@@ -6,8 +6,11 @@ per source version and machine type into cmpq's cache directory
 cmpq.runtime.cpu_kernel``) or, failing that, on first use. No network, no
 ``-march``: the AVX2 functions carry their own target attribute and the
 library picks them at run time when the CPU has AVX2, FMA and F16C, the
-portable loops otherwise. Where nothing can be built (no compiler), the
-``cpu`` backend is unavailable and says why in one line.
+portable loops otherwise. With ``-fopenmp`` where the compiler has it: the
+library then binds to the ``libgomp.so.1`` torch has loaded, so it runs on
+torch's threads (one OpenMP runtime); without, on a small pool of its own.
+Where nothing can be built (no compiler), the ``cpu`` backend is unavailable
+and says why in one line.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def library_path() -> Path:
 
 
 def build(force: bool = False) -> Path:
-    """Compile the kernel into the cache (atomically) and return the library's path."""
+    """Compile the kernel into the cache (atomically) and return the library's path:
+    with OpenMP where the compiler has it, else with the kernel's own thread pool."""
     target = library_path()
     if target.is_file() and not force:
         return target
@@ -78,17 +82,18 @@ def build(force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as staging:
         partial = Path(staging) / target.name
-        command = [cxx, *COMPILER_FLAGS, str(SOURCE), "-o", str(partial)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KernelUnavailable(f"{cxx} could not run: {exc}") from None
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise KernelUnavailable(f"{cxx} failed to compile {SOURCE.name}: {first}")
-        partial.replace(target)
-    return target
-
+        errors = []
+        for extra in (("-fopenmp",), ()):
+            command = [cxx, *COMPILER_FLAGS, *extra, str(SOURCE), "-o", str(partial)]
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise KernelUnavailable(f"{cxx} could not run: {exc}") from None
+            if result.returncode == 0:
+                partial.replace(target)
+                return target
+            errors.append((result.stderr.strip().splitlines() or ["no output"])[0])
+        raise KernelUnavailable(f"{cxx} failed to compile {SOURCE.name}: {errors[-1]}")
 
 @cache
 def library() -> ctypes.CDLL:
@@ -98,6 +103,7 @@ def library() -> ctypes.CDLL:
     except OSError as exc:
         raise KernelUnavailable(f"the compiled kernel does not load: {exc}") from None
     handle.cmpq_isa.restype = ctypes.c_int
+    handle.cmpq_openmp.restype = ctypes.c_int
     handle.cmpq_decode.argtypes = [
         ctypes.POINTER(CLayer),
         ctypes.c_void_p,
@@ -195,4 +201,5 @@ if __name__ == "__main__":  # the set-up command builds the kernel here
     except KernelUnavailable as exc:
         print(f"warning: cmpq's CPU kernel was not built ({exc}); the torch backend will be used")
     else:
-        print(f"cmpq CPU kernel: {path} ({isa()})")
+        threads = "OpenMP" if library().cmpq_openmp() else "its own thread pool"
+        print(f"cmpq CPU kernel: {path} ({isa()}, {threads})")

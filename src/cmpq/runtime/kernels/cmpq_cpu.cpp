@@ -4,7 +4,8 @@
 //
 // Built by the set-up command with the system's g++, without -march: the
 // AVX2 + FMA + F16C functions carry their own target attribute and are chosen
-// at run time (cmpq_isa); everything else is portable C++17.
+// at run time (cmpq_isa); everything else is portable C++17. With -fopenmp
+// where the compiler has it (threads shared with torch), else a small pool.
 //
 // Layout read here (format version 4, docs/format.md): the columns of a
 // linear are permuted into bit-groups; group g (width b, n columns) holds its
@@ -21,6 +22,10 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -81,7 +86,7 @@ float half_to_float(uint16_t h) {
   return value;
 }
 
-// ---- a persistent thread pool (torch's thread count is passed in per call) ----
+// ---- threads: torch's count, passed in per call ----
 
 class Pool {
  public:
@@ -154,6 +159,23 @@ class Pool {
 Pool& pool() {
   static Pool* instance = new Pool();  // never destroyed: workers live as long as the process
   return *instance;
+}
+
+// Runs job(part, parts) on `threads` threads. Built with OpenMP, on the process's OpenMP
+// runtime: loaded after torch, this library binds to the libgomp.so.1 torch already loaded,
+// so its threads are torch's (one runtime, no threads competing for the cores). Without
+// OpenMP, on the pool above.
+void parallel(int threads, const std::function<void(int, int)>& job) {
+#ifdef _OPENMP
+  if (threads <= 1) {
+    job(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  job(omp_get_thread_num(), omp_get_num_threads());
+#else
+  pool().run(threads, job);
+#endif
 }
 
 void split(int64_t count, int part, int parts, int64_t* first, int64_t* stop) {
@@ -446,6 +468,15 @@ extern "C" {
 // 2: AVX2 + FMA + F16C, 0: portable
 int cmpq_isa(void) { return has_avx2() ? 2 : 0; }
 
+// 1 when built with OpenMP (threads shared with torch), 0 with the kernel's own pool
+int cmpq_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // y[t, r] (r < 8 * ceil(out / 8); zero-filled by the caller) += the layer times x[t, :],
 // for up to 8 tokens at a time
 int cmpq_decode(const Layer* layer, const float* x, int64_t tokens, float* y, int threads,
@@ -455,7 +486,7 @@ int cmpq_decode(const Layer* layer, const float* x, int64_t tokens, float* y, in
   const int64_t tiles = tile_count(layer->out_features);
   const int64_t y_stride = tiles * kTileRows;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  pool().run(threads, [&](int part, int parts) {
+  parallel(threads, [&](int part, int parts) {
     int64_t first, stop;
     split(tiles, part, parts, &first, &stop);
     thread_local std::vector<float> table;
@@ -484,7 +515,7 @@ int cmpq_dequantize(const Layer* layer, int64_t row_first, int64_t row_stop, flo
   const int64_t in = layer->in_features;
   const int64_t tile_first = row_first / kTileRows, tile_stop = tile_count(row_stop);
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tile_stop - tile_first)));
-  pool().run(threads, [&](int part, int parts) {
+  parallel(threads, [&](int part, int parts) {
     int64_t first, stop;
     split(tile_stop - tile_first, part, parts, &first, &stop);
     first += tile_first;
