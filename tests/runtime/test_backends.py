@@ -180,3 +180,36 @@ def test_environment_variable_picks_the_backend(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "fast")
     with pytest.raises(CmpqError, match=r"\$CMPQ_BACKEND must be one of"):
         QuantizedLinear.from_layer(random_layer(8, 8, [2]))
+
+
+@pytest.mark.skipif(not CPU_ISAS, reason="no CPU kernel here")
+def test_one_openmp_runtime_in_the_process():
+    cpu_kernel.library()
+    maps = open("/proc/self/maps").read().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
+@pytest.mark.skipif(not CPU_ISAS, reason="no CPU kernel here")
+def test_without_openmp_the_kernel_runs_on_its_own_pool(monkeypatch, tmp_path):
+    real = cpu_kernel.compiler()
+    wrapper = tmp_path / "cxx-without-openmp"
+    wrapper.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CMPQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: str(wrapper))
+    cpu_kernel.library.cache_clear()
+    threads = torch.get_num_threads()
+    try:
+        assert cpu_kernel.library().cmpq_openmp() == 0
+        torch.set_num_threads(2)
+        layer = random_layer(37, 29, [2, 3, 6], outliers=9)
+        module = QuantizedLinear.from_layer(layer)
+        set_backend(module, "cpu")
+        for tokens in (1, 5, 17):
+            check_against_reference(module, layer, tokens)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernel.library.cache_clear()
