@@ -156,7 +156,51 @@ def quantize_time(stem: str = "quantize-time-smollm2-135m-4.5") -> list[str]:
     ]
 
 
+def runtime(shape: str = "4096x4096", weights: str = "cmpq 2.5") -> list[str]:
+    """What a loaded model holds and how fast it runs, per model, and one 7B-shaped layer."""
+    rows = load("runtime-models")
+    lines = [
+        "| model | variant | backend | file MB | resident MB | × file | decode tok/s | "
+        "prefill tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        file_bytes = row.get("file_bytes", 0)
+        after = row.get("resident_after_generate")
+        file_mb = f"{file_bytes / 1e6:.1f}" if file_bytes else "—"
+        resident = "—" if after is None else f"{after / 1e6:.0f}"
+        ratio = f"{after / file_bytes:.2f}" if after and file_bytes else "—"
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {row.get('backend', 'torch')} | "
+            f"{file_mb} | {resident} | {ratio} | "
+            f"{row['decode_tokens_per_s']:.1f} | {row['prefill_tokens_per_s']:.0f} |"
+        )
+    layers = load("runtime-layers")
+    decode = {
+        (r["weights"], r["backend"]): r for r in layers if r["shape"] == shape and r["tokens"] == 1
+    }
+    kernel = decode.get((weights, "cpu"))
+    if kernel is not None:
+        fp32, bf16 = decode[("float32", "torch F.linear")], decode[("bfloat16", "torch F.linear")]
+        lines += [
+            "",
+            f"One {shape} linear at {weights.split()[1]} bits, one token: {kernel['ms']:.3f} ms "
+            f"on the cpu backend against {fp32['ms']:.3f} ms for fp32 and {bf16['ms']:.3f} ms "
+            f"for bf16 weights ({kernel['gb_per_s']:.1f} GB/s of stored weights; copy "
+            f"bandwidth {kernel['copy_gb_per_s']:.1f} GB/s read + write).",
+        ]
+    commits = sorted({commit_of(r) for r in rows + layers})
+    lines += [
+        "",
+        f"Measured at commit {', '.join(commits)} ({rows[0]['machine']['threads']} torch "
+        f"threads, {rows[0]['machine']['cpu']}; `python benchmarks/runtime_bench.py models` "
+        "and `layers`, tables in `benchmarks/results/runtime-*.md`).",
+    ]
+    return lines
+
+
 BLOCKS = {
+    "runtime": runtime,
     "headline": headline,
     "demo": demo,
     "quantize-time": quantize_time,
