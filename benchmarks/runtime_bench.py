@@ -13,7 +13,9 @@ quarter at 5) and 0.3 % outliers, timed for 1, 8 and 512 tokens through each
 backend, against torch's ``F.linear`` with dense float32, bfloat16 and float16
 weights. GB/s is the bytes the layer stores (codes, tables, outliers,
 metadata) over the time; the machine's copy bandwidth is measured in the same
-run (STREAM's convention: bytes read plus bytes written, over the time).
+run (STREAM's convention: bytes read plus bytes written, over the time). Each
+call runs on the next of enough copies of the layer to fill 512 MB, so its
+weights come from memory, not from the 32 MB L3 cache, as in a whole model.
 
 ``models``: for each model, each variant (float32, bfloat16, cmpq at 2.5, 3.0
 and 4.0 bits through each backend, llama.cpp's Q4_K_M, Q2_K and IQ3_XXS
@@ -137,43 +139,78 @@ def bench_layers(args) -> None:
     backends = [b for b in backends_here() if b != "torch"] + ["torch"]
     for out_features, in_features in LAYER_SHAPES:
         dense = torch.randn(out_features, in_features) * 0.02
-        for tokens in LAYER_TOKENS:
-            x = torch.randn(tokens, in_features)
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                weight, inputs = dense.to(dtype), x.to(dtype)
-                seconds = timed(lambda w=weight, i=inputs: torch.nn.functional.linear(i, w))
-                nbytes = weight.numel() * weight.element_size()
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            weights = rotation(dense.to(dtype))
+            nbytes = weights[0].numel() * weights[0].element_size()
+            for tokens in LAYER_TOKENS:
+                inputs = torch.randn(tokens, in_features).to(dtype)
+                seconds = timed_rotating(
+                    weights, lambda w, i=inputs: torch.nn.functional.linear(i, w)
+                )
                 results.rows.append(
                     layer_row(out_features, in_features, tokens, str(dtype)[6:], None, seconds,
-                              nbytes, bandwidth)
+                              nbytes, bandwidth, len(weights))
                 )  # fmt: skip
                 print_row(results.rows[-1])
-            del weight, inputs
+            del weights
+            gc.collect()
         del dense
-        gc.collect()
         for bits, mix in MIXES.items():
             tensors = synthetic_layer(out_features, in_features, mix)
-            module = QuantizedLinear(tensors, out_features, in_features, "column")
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            modules = [
+                QuantizedLinear(copied, out_features, in_features, "column")
+                for copied in rotation(tensors)
+            ]
             for backend in backends:
-                set_backend(module, backend)
+                for module in modules:
+                    set_backend(module, backend)
                 for tokens in LAYER_TOKENS:
                     if backend == "torch" and (bits != 2.5 or tokens == 8):
                         continue  # the reference: one width, decode and prefill
                     x = torch.randn(tokens, in_features)
                     with torch.no_grad():
-                        seconds = timed(lambda m=module, i=x: m(i))
+                        seconds = timed_rotating(modules, lambda m, i=x: m(i))
                     results.rows.append(
                         layer_row(out_features, in_features, tokens, f"cmpq {bits:g}", backend,
-                                  seconds, nbytes, bandwidth)
+                                  seconds, nbytes, bandwidth, len(modules))
                     )  # fmt: skip
                     print_row(results.rows[-1])
+            del modules
+            gc.collect()
         results.write(layer_table(results.rows, bandwidth), plot=plot_layers)
 
 
-def layer_row(out_f, in_f, tokens, weights, backend, seconds, nbytes, bandwidth) -> dict:
+ROTATION_BYTES = 512 * 2**20  # copies of a layer cycled through: 16x this CPU's L3
+
+
+def rotation(weights):
+    """Copies of a weight tensor (or a dict of them) adding up to at least
+    :data:`ROTATION_BYTES`, so that a call finds its layer in memory, not in the
+    cache, as each layer of a whole 7-8B model would be."""
+    tensors = list(weights.values()) if isinstance(weights, dict) else [weights]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    count = max(2, -(-ROTATION_BYTES // nbytes))
+    if isinstance(weights, dict):
+        return [{k: v.clone() for k, v in weights.items()} for _ in range(count)]
+    return [weights.clone() for _ in range(count)]
+
+
+def timed_rotating(items: list, call) -> float:
+    """Median seconds of ``call(item)``, each call on the next item of ``items``."""
+    state = {"next": 0}
+
+    def one() -> None:
+        call(items[state["next"] % len(items)])
+        state["next"] += 1
+
+    return timed(one, min_seconds=0.5, min_calls=len(items) if len(items) <= 64 else 8)
+
+
+def layer_row(out_f, in_f, tokens, weights, backend, seconds, nbytes, bandwidth, copies) -> dict:
     return ResultsFile.stamp(
         {
+            "copies": copies,
             "shape": f"{out_f}x{in_f}",
             "tokens": tokens,
             "weights": weights,
@@ -198,7 +235,9 @@ def layer_table(rows: list[dict], bandwidth: float) -> list[str]:
     lines = [
         f"Copy bandwidth measured in the same run: {bandwidth / 1e9:.1f} GB/s (bytes read + "
         "written per second). GB/s: the bytes the weights occupy over the time. Speed-up: "
-        "against dense float32 and against the fastest dense dtype at the same shape and tokens.",
+        "against dense float32 and against the fastest dense dtype at the same shape and tokens. "
+        "Every call runs on the next of several copies of the layer filling 512 MB, so the "
+        "weights come from memory, not from the cache.",
         "",
         "| shape (out x in) | tokens | weights | backend | ms | GB/s | % of copy bw | "
         "x fp32 | x fastest dense |",
