@@ -163,8 +163,10 @@ def bench_layers(args) -> None:
                 for copied in rotation(tensors)
             ]
             for backend in backends:
-                for module in modules:
-                    set_backend(module, backend)
+                with torch.no_grad():
+                    for module in modules:  # what a first call prepares, prepared for all
+                        set_backend(module, backend)
+                        module(torch.zeros(1, in_features))
                 for tokens in LAYER_TOKENS:
                     if backend == "torch" and (bits != 2.5 or tokens == 8):
                         continue  # the reference: one width, decode and prefill
