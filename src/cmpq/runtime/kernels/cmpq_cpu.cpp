@@ -54,7 +54,7 @@ struct Layer {
 namespace {
 
 constexpr int kTileRows = 8;
-constexpr int64_t kTableFloats = 4096;  // a column block's tables: 16 KB, in L1
+constexpr int64_t kTableFloats = 32768;  // a column block's tables: 128 KB, in L2
 
 
 
@@ -354,6 +354,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void tile_sums(const uint8_t* p,
     for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + kUnroll <= count; j += kUnroll) {
+    if constexpr (Wide) __builtin_prefetch(p + (j + 256) * B);
 #pragma GCC unroll 8
     for (int u = 0; u < kUnroll; ++u) {
       const __m256i lanes = code_lanes<B, Wide>(p + (j + u) * B);
