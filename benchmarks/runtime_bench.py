@@ -505,8 +505,8 @@ def plot_models(path: Path) -> None:
 def bench_ppl(args) -> None:
     import cmpq
 
-    command = "python benchmarks/runtime_bench.py ppl"
-    results = ResultsFile.open("runtime-ppl", command, resume=False)
+    command = "python benchmarks/runtime_bench.py ppl --ppl-bits BITS..."
+    results = ResultsFile.open("runtime-ppl", command)  # rows of other bits stay
     for model in args.models:
         for bits in args.ppl_bits:
             path = ensure_output(model, bits)
@@ -522,8 +522,11 @@ def bench_ppl(args) -> None:
                          "embedding_dtype": embedding_dtype, "ppl": result.ppl,
                          "seconds": time.perf_counter() - start}
                     )  # fmt: skip
-                    results.rows.append(row)
-                    shown = ("model", "bits", "backend", "embedding_dtype", "ppl", "seconds")
+                    key = ("model", "bits", "backend", "embedding_dtype")
+                    results.rows = [r for r in results.rows if any(r[k] != row[k] for k in key)] + [
+                        row
+                    ]
+                    shown = (*key, "ppl", "seconds")
                     print(json.dumps({k: row[k] for k in shown}), flush=True)
                     results.write(ppl_table(results.rows))
                     del loaded
