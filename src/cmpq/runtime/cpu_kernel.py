@@ -95,6 +95,7 @@ def build(force: bool = False) -> Path:
             errors.append((result.stderr.strip().splitlines() or ["no output"])[0])
         raise KernelUnavailable(f"{cxx} failed to compile {SOURCE.name}: {errors[-1]}")
 
+
 @cache
 def library() -> ctypes.CDLL:
     """The loaded kernel library (built first if needed); raises :class:`KernelUnavailable`."""
