@@ -54,7 +54,7 @@ struct Layer {
 namespace {
 
 constexpr int kTileRows = 8;
-constexpr int64_t kTableFloats = 32768;  // a column block's tables: 128 KB, in L2
+constexpr int64_t kTableFloats = 65536;  // a column block's tables: 256 KB, in L2
 
 
 
