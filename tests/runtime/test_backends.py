@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import pytest
@@ -19,6 +21,12 @@ WIDTHS = [[b] for b in range(1, 9)] + [[2, 3], list(range(1, 9))]
 SHAPES = [(13, 11), (37, 29), (64, 40)]
 TOKENS = [1, 3, 17, 512]
 CPU_ISAS = ["avx2", "portable"] if cpu_kernel.unavailable_reason() is None else []
+# the Triton kernels run here under Triton's interpreter (conftest sets TRITON_INTERPRET=1)
+TRITON = (
+    ["triton"]
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+    else []
+)
 
 
 def check_against_reference(module, layer, tokens, dtype=torch.float32, seed=1):
@@ -35,7 +43,7 @@ def check_against_reference(module, layer, tokens, dtype=torch.float32, seed=1):
 
 @pytest.mark.parametrize("widths", WIDTHS, ids=lambda w: "-".join(map(str, w)))
 @pytest.mark.parametrize("outliers", [0, 9])
-@pytest.mark.parametrize("backend", ["torch", *(f"cpu-{isa}" for isa in CPU_ISAS)])
+@pytest.mark.parametrize("backend", ["torch", *(f"cpu-{isa}" for isa in CPU_ISAS), *TRITON])
 def test_backend_equals_reference(backend, widths, outliers, monkeypatch):
     name, _, isa = backend.partition("-")
     if isa:

@@ -134,7 +134,8 @@ class TritonBackend:
     def forward(self, module, x: torch.Tensor) -> torch.Tensor:
         from .triton_kernels import triton_linear
 
-        return triton_linear(module.kernel_tensors(), module.out_features, module.in_features, x)
+        tensors, header = module.kernel_tensors(), module.group_header()
+        return triton_linear(tensors, module.out_features, module.in_features, x, header)
 
 
 IMPLEMENTATIONS = {b.name: b for b in (TritonBackend(), CpuBackend(), TorchBackend())}

@@ -51,6 +51,7 @@ class QuantizedLinear(nn.Module):
         self._resolved: tuple | None = None  # (backend name, device, layout) -> implementation
         self._kernel_layer: tuple | None = None  # (tensor addresses, ctypes struct)
         self._base_source: tuple | None = None  # the tensors outlier_base was computed from
+        self._header: tuple | None = None  # (tensor identities, group widths and counts)
 
     @classmethod
     def from_layer(cls, layer: LUTLayer, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -94,6 +95,14 @@ class QuantizedLinear(nn.Module):
         cols = tensors["outlier_cols"]
         return table_values_at(tensors, self.out_features, self.layout, rows, cols).half()
 
+    def group_header(self) -> tuple[list[int], list[int]]:
+        """The bit-groups' widths and column counts as Python ints (read from the device
+        once, not on every call)."""
+        key = self._stored_key()
+        if self._header is None or self._header[0] != key:
+            self._header = (key, (self.group_bits.tolist(), self.group_sizes.tolist()))
+        return self._header[1]
+
     def kernel_layer(self):
         """The CPU kernel's view of this layer's tensors (rebuilt when they change)."""
         from .cpu_kernel import layer_struct
@@ -134,7 +143,7 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)  # copies in place: addresses stay
-        self.outlier_base = self._kernel_layer = self._base_source = None
+        self.outlier_base = self._kernel_layer = self._base_source = self._header = None
 
     def extra_repr(self) -> str:
         widths = ",".join(str(int(b)) for b in self.group_bits)

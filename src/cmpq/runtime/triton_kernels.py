@@ -180,11 +180,18 @@ def _write_outliers_kernel(
         tl.store(stripe_ptr + local_row * in_features + cols, value, mask=mask)
 
 
-def bit_groups(tensors: dict[str, torch.Tensor], out_features: int) -> list[tuple[int, ...]]:
+Header = tuple[list[int], list[int]]  # the bit-groups' widths and column counts, on the host
+
+
+def bit_groups(
+    tensors: dict[str, torch.Tensor], out_features: int, header: Header | None = None
+) -> list[tuple[int, ...]]:
     """Per bit-group: ``(bits, columns, code byte offset, lut entry offset, first stored
-    column)``."""
-    bits = [int(b) for b in tensors["group_bits"].tolist()]
-    sizes = [int(n) for n in tensors["group_sizes"].tolist()]
+    column)``. ``header`` spares reading the widths and counts back from the device (a
+    synchronisation on every call)."""
+    if header is None:
+        header = (tensors["group_bits"].tolist(), tensors["group_sizes"].tolist())
+    bits, sizes = [int(b) for b in header[0]], [int(n) for n in header[1]]
     code_offsets = group_byte_offsets(out_features, bits, sizes)
     table_offsets = lut_offsets("column", out_features, bits, sizes)
     columns = group_offsets(sizes)
@@ -193,7 +200,11 @@ def bit_groups(tensors: dict[str, torch.Tensor], out_features: int) -> list[tupl
 
 
 def decode(
-    tensors: dict[str, torch.Tensor], out_features: int, in_features: int, x: torch.Tensor
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    in_features: int,
+    x: torch.Tensor,
+    header: Header | None = None,
 ) -> torch.Tensor:
     """``x W^T`` for a few tokens: each bit-group's codes streamed once, outliers added."""
     n_tokens = x.shape[0]
@@ -201,7 +212,8 @@ def decode(
     block_cols = max(16, DECODE_PRODUCT // block_tokens // BLOCK_ROWS)
     y = torch.zeros(n_tokens, out_features, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(out_features, BLOCK_ROWS),)
-    for bits, n_cols, code_offset, lut_offset, column_offset in bit_groups(tensors, out_features):
+    groups = bit_groups(tensors, out_features, header)
+    for bits, n_cols, code_offset, lut_offset, column_offset in groups:
         _decode_group_kernel[grid](
             y,
             x,
@@ -280,24 +292,33 @@ def dequantize_stripe(
 
 
 def prefill(
-    tensors: dict[str, torch.Tensor], out_features: int, in_features: int, x: torch.Tensor
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    in_features: int,
+    x: torch.Tensor,
+    header: Header | None = None,
 ) -> torch.Tensor:
     """``x W^T`` for many tokens: stripes of rows de-quantized, each multiplied by torch."""
-    groups = bit_groups(tensors, out_features)
+    groups = bit_groups(tensors, out_features, header)
     step = max(BLOCK_ROWS, STRIPE_FLOATS // max(in_features, 1) // BLOCK_ROWS * BLOCK_ROWS)
-    y_t = torch.empty(out_features, x.shape[0], dtype=torch.float32, device=x.device)
-    for first in range(0, out_features, step):
-        stop = min(first + step, out_features)
-        stripe = dequantize_stripe(tensors, groups, in_features, (first, stop))
-        torch.mm(stripe, x.t(), out=y_t[first:stop])
-    return y_t.t()
+    parts = [
+        dequantize_stripe(tensors, groups, in_features, (first, min(first + step, out_features)))
+        @ x.t()
+        for first in range(0, out_features, step)
+    ]
+    return torch.cat(parts).t()
 
 
 def triton_linear(
-    tensors: dict[str, torch.Tensor], out_features: int, in_features: int, x: torch.Tensor
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    in_features: int,
+    x: torch.Tensor,
+    header: Header | None = None,
 ) -> torch.Tensor:
     """``x W^T`` (float32 ``[t, out]``) for float32 contiguous ``x`` ``[t, in]``, from a
-    column-layout layer's tensors (with ``outlier_base`` where it has outliers)."""
+    column-layout layer's tensors (with ``outlier_base`` where it has outliers); ``header``
+    as for :func:`bit_groups`."""
     if x.shape[0] <= DECODE_TOKENS:
-        return decode(tensors, out_features, in_features, x)
-    return prefill(tensors, out_features, in_features, x)
+        return decode(tensors, out_features, in_features, x, header)
+    return prefill(tensors, out_features, in_features, x, header)
