@@ -115,14 +115,9 @@ def from_tensors(
     group_bits = [int(b) for b in tensors["group_bits"]]
     group_sizes = [int(n) for n in tensors["group_sizes"]]
     codes = unpack_groups(tensors["codes"], group_bits, out_features, group_sizes)
-    luts, start = [], 0
-    for bits, size in zip(group_bits, group_sizes, strict=True):
-        rows = out_features if layout == "row" else size
-        luts.append(tensors["lut"][start : start + rows * 2**bits].reshape(rows, 2**bits))
-        start += rows * 2**bits
+    luts = group_tables(tensors["lut"], layout, out_features, group_bits, group_sizes)
     if "outlier_values" in tensors:
-        counts = tensors["outlier_crow"].long().diff()
-        rows = torch.repeat_interleave(torch.arange(out_features), counts)
+        rows = outlier_rows(tensors["outlier_crow"], (0, out_features))
         cols = tensors["outlier_cols"].long()
         values = tensors["outlier_values"]
     else:
@@ -151,6 +146,22 @@ def lut_offsets(layout: str, out_features: int, group_bits: list[int], group_siz
     return offsets
 
 
+def group_tables(
+    lut: torch.Tensor, layout: str, out_features: int, group_bits: list[int], group_sizes
+) -> list[torch.Tensor]:
+    """Each bit-group's tables as a ``[rows, 2**bits]`` view of the stored ``lut``."""
+    offsets = lut_offsets(layout, out_features, group_bits, group_sizes)
+    return [lut[offsets[g] : offsets[g + 1]].view(-1, 2**bits) for g, bits in enumerate(group_bits)]
+
+
+def outlier_rows(crow: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """The row, counted from ``rows[0]``, of each outlier stored for rows
+    ``rows[0]:rows[1]`` (entries ``crow[rows[0]]:crow[rows[1]]``) of a CSR matrix."""
+    first, stop = rows
+    counts = crow[first : stop + 1].long().diff()
+    return torch.repeat_interleave(torch.arange(stop - first), counts)
+
+
 def dequantize_rows(
     tensors: dict[str, torch.Tensor],
     out_features: int,
@@ -169,28 +180,24 @@ def dequantize_rows(
     group_bits = [int(b) for b in tensors["group_bits"]]
     group_sizes = [int(n) for n in tensors["group_sizes"]]
     code_offsets = group_byte_offsets(out_features, group_bits, group_sizes)
-    table_offsets = lut_offsets(layout, out_features, group_bits, group_sizes)
+    tables = group_tables(tensors["lut"], layout, out_features, group_bits, group_sizes)
     tiles = (first // TILE_ROWS, -(-stop // TILE_ROWS))
-    permuted = torch.empty(stop - first, in_features, dtype=torch.float32)
-    column = 0
-    for g, (bits, size) in enumerate(zip(group_bits, group_sizes, strict=True)):
-        codes = unpack_tiled(
+    codes = [
+        unpack_tiled(
             tensors["codes"][code_offsets[g] : code_offsets[g + 1]], bits, out_features, size, tiles
         )[: stop - first]
-        table = tensors["lut"][table_offsets[g] : table_offsets[g + 1]].view(-1, 2**bits)
-        if layout == "row":
-            table = table[first:stop]
-        permuted[:, column : column + size] = group_dequantize(codes, table, layout)
-        column += size
-    weight = torch.empty_like(permuted)
-    weight[:, tensors["perm"].long()] = permuted
+        for g, (bits, size) in enumerate(zip(group_bits, group_sizes, strict=True))
+    ]
+    if layout == "row":
+        tables = [table[first:stop] for table in tables]
+    shape = (stop - first, in_features)
+    perm = tensors["perm"].long()
+    weight = assemble(shape, perm, group_offsets(group_sizes), codes, tables, layout)
     if outliers and "outlier_values" in tensors:
         crow = tensors["outlier_crow"].long()
         start, end = int(crow[first]), int(crow[stop])
-        counts = crow[first : stop + 1].diff()
-        local_rows = torch.repeat_interleave(torch.arange(stop - first), counts)
         cols = tensors["outlier_cols"][start:end].long()
-        weight[local_rows, cols] = tensors["outlier_values"][start:end].float()
+        weight[outlier_rows(crow, rows), cols] = tensors["outlier_values"][start:end].float()
     return weight
 
 

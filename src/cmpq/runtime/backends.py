@@ -32,6 +32,8 @@ import torch
 
 from ..errors import CmpqError, CmpqWarning
 from ..format.layer import dequantize_rows
+from ..format.packing import TILE_ROWS
+from .stripes import matmul_by_stripes, stripe_rows
 
 BACKENDS = ("auto", "cpu", "triton", "torch")
 ENV_VAR = "CMPQ_BACKEND"
@@ -50,20 +52,11 @@ def check_backend_name(name: str, where: str = "`backend`") -> str:
     return name
 
 
-def stripe_rows(in_features: int) -> int:
-    """Rows per de-quantized stripe: a multiple of 8, about :data:`STRIPE_FLOATS` floats."""
-    return max(8, STRIPE_FLOATS // max(in_features, 1) // 8 * 8)
-
-
-def matmul_by_stripes(module, x: torch.Tensor, dequantize) -> torch.Tensor:
-    """``x @ W^T`` with ``W`` produced a stripe of rows at a time by
-    ``dequantize(first, stop) -> [stop - first, in]``."""
-    step = stripe_rows(module.in_features)
-    parts = [
-        dequantize(first, min(first + step, module.out_features)) @ x.t()
-        for first in range(0, module.out_features, step)
-    ]
-    return torch.cat(parts).t()
+def layer_by_stripes(module, x: torch.Tensor, dequantize) -> torch.Tensor:
+    """``x @ W^T`` with ``W`` produced by ``dequantize(first, stop)``, about
+    :data:`STRIPE_FLOATS` values (whole row tiles) at a time."""
+    step = stripe_rows(module.in_features, STRIPE_FLOATS, TILE_ROWS)
+    return matmul_by_stripes(module.out_features, x, dequantize, step)
 
 
 class TorchBackend:
@@ -83,7 +76,7 @@ class TorchBackend:
             )
             return weight.to(x.device)
 
-        return matmul_by_stripes(module, x, dequantize)
+        return layer_by_stripes(module, x, dequantize)
 
 
 class CpuBackend:
@@ -111,7 +104,7 @@ class CpuBackend:
             buffer = torch.empty(stop - first, module.in_features, dtype=torch.float32)
             return cpu_kernel.dequantize_rows(layer, first, stop, buffer)
 
-        return matmul_by_stripes(module, x, dequantize)
+        return layer_by_stripes(module, x, dequantize)
 
 
 class TritonBackend:

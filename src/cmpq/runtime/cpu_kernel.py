@@ -134,12 +134,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def isa() -> str:
-    """The instruction set the kernel uses on this CPU: ``avx2`` or ``portable``."""
-    forced = os.environ.get("CMPQ_CPU_ISA")
-    if forced in ("portable", "avx2"):
-        return forced
+@cache
+def detected_isa() -> str:
+    """What this CPU runs: ``avx2`` (AVX2, FMA and F16C) or ``portable`` (asked once)."""
     return ISA_NAMES[library().cmpq_isa()]
+
+
+def isa() -> str:
+    """The instruction set the kernel uses: the CPU's, or ``portable`` when
+    ``CMPQ_CPU_ISA=portable`` asks for it (AVX2 is never forced onto a CPU without it)."""
+    return "portable" if os.environ.get("CMPQ_CPU_ISA") == "portable" else detected_isa()
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:

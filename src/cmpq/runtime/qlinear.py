@@ -19,6 +19,7 @@ from ..format.layer import (
     LUTLayer,
     dequantize_rows,
     from_tensors,
+    outlier_rows,
     table_values_at,
     to_tensors,
 )
@@ -90,8 +91,7 @@ class QuantizedLinear(nn.Module):
 
     def _outlier_base(self) -> torch.Tensor:
         tensors = {name: t.cpu() for name, t in self.stored_tensors().items()}
-        counts = tensors["outlier_crow"].long().diff()
-        rows = torch.repeat_interleave(torch.arange(self.out_features), counts)
+        rows = outlier_rows(tensors["outlier_crow"], (0, self.out_features))
         cols = tensors["outlier_cols"]
         return table_values_at(tensors, self.out_features, self.layout, rows, cols).half()
 

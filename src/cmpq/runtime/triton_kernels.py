@@ -8,6 +8,7 @@ import triton.language as tl
 
 from ..format.layer import group_offsets, lut_offsets
 from ..format.packing import group_byte_offsets
+from .stripes import matmul_by_stripes, stripe_rows
 
 DECODE_TOKENS = 16  # up to this many tokens: the decode kernel; more: de-quantized stripes
 BLOCK_ROWS = 32  # output rows per program: whole row tiles of 8
@@ -300,13 +301,12 @@ def prefill(
 ) -> torch.Tensor:
     """``x W^T`` for many tokens: stripes of rows de-quantized, each multiplied by torch."""
     groups = bit_groups(tensors, out_features, header)
-    step = max(BLOCK_ROWS, STRIPE_FLOATS // max(in_features, 1) // BLOCK_ROWS * BLOCK_ROWS)
-    parts = [
-        dequantize_stripe(tensors, groups, in_features, (first, min(first + step, out_features)))
-        @ x.t()
-        for first in range(0, out_features, step)
-    ]
-    return torch.cat(parts).t()
+    step = stripe_rows(in_features, STRIPE_FLOATS, BLOCK_ROWS)
+
+    def dequantize(first: int, stop: int) -> torch.Tensor:
+        return dequantize_stripe(tensors, groups, in_features, (first, stop))
+
+    return matmul_by_stripes(out_features, x, dequantize, step)
 
 
 def triton_linear(
