@@ -7,12 +7,18 @@ each block is run on them, its linears' inputs are measured by forward hooks,
 the block is handed to a callback (which quantizes it), and its outputs become
 the next block's inputs. With ``sequential=True`` those outputs are recomputed
 with the quantized block, so later blocks are calibrated on what they will see.
+
+A ``loader`` (see :class:`BlockLoader`) puts a block's weights in place just
+before it runs and takes them away after, so a model whose blocks wait on the
+meta device (read from disk one at a time) or on the CPU (run on a GPU) is
+calibrated with one block's weights in memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,6 +32,25 @@ class _StopForward(Exception):
     pass
 
 
+class BlockLoader(Protocol):
+    """Where a block's weights come from: :meth:`load` puts them in place (on the
+    device the block runs on), :meth:`release` takes them away again."""
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module) -> None: ...
+
+
+class InPlace:
+    """The blocks' weights are where they are: nothing to load or release."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, block: nn.Module) -> None:
+        pass
+
+
 @dataclass
 class BlockInputs:
     """Inputs of one block for every calibration window, plus each block's own
@@ -36,49 +61,72 @@ class BlockInputs:
     kwargs_by_block: list[dict] = field(default_factory=list)
 
 
-def capture_block_inputs(model: nn.Module, batch: torch.Tensor) -> BlockInputs:
-    """Hidden states entering block 0 for each window, and every block's kwargs.
+def capture_block_inputs(
+    model: nn.Module, batch: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> BlockInputs:
+    """Hidden states entering block 0 for each window (held in ``dtype``), and every
+    block's keyword arguments.
 
-    The first window runs the whole model once to record every block's keyword
-    arguments; the others stop at block 0.
+    No block runs: for the first window every block is replaced by a recorder
+    that returns its input unchanged (keyword arguments depend only on the window
+    length), the last one stopping the forward; later windows stop at block 0.
+    So the blocks' weights may be anywhere, the meta device included; only the
+    modules before the first block (embeddings, rotary tables) must hold theirs.
     """
     _, blocks = decoder_blocks(model)
     captured = BlockInputs(hidden=[], kwargs_by_block=[{} for _ in blocks])
-    stop_at_first = False
+    first_window = True
 
     def recorder(index: int):
-        def hook(module, args, kwargs):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
             if index == 0:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                captured.hidden.append(hidden.detach())
-            if len(captured.hidden) == 1:
+                captured.hidden.append(hidden.detach().to(dtype))
+            if first_window:
                 captured.kwargs_by_block[index] = {
                     k: v for k, v in kwargs.items() if k != "hidden_states"
                 }
-            if stop_at_first:
+            if not first_window or index == len(blocks) - 1:
                 raise _StopForward
+            return hidden
 
-        return hook
+        return forward
 
-    handles = [
-        block.register_forward_pre_hook(recorder(i), with_kwargs=True)
-        for i, block in enumerate(blocks)
-    ]
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)  # an instance attribute shadows the class's forward
     try:
         with torch.inference_mode():
             for index, window in enumerate(batch):
-                stop_at_first = index > 0
+                first_window = index == 0
                 try:
                     model(window.unsqueeze(0), use_cache=False)
                 except _StopForward:
                     pass
     finally:
-        for handle in handles:
-            handle.remove()
+        for block in blocks:
+            del block.forward
     return captured
 
 
 WINDOWS_PER_FORWARD = 8  # calibration windows run through a block at once (one batch)
+
+
+def block_device(block: nn.Module) -> torch.device:
+    """Where ``block`` runs: the device of its first parameter (or buffer)."""
+    for tensor in (*block.parameters(), *block.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def on_device(value, device: torch.device):
+    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(on_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    return value
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -97,13 +145,25 @@ def window_batches(hidden: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield torch.cat(hidden[start : start + WINDOWS_PER_FORWARD])
 
 
+def _block_outputs(
+    block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, before_batch: Callable
+) -> list[torch.Tensor]:
+    """``block``'s output for every window, batched by :func:`window_batches`: computed
+    in float32 on the block's device, held like the inputs (their dtype, the CPU)."""
+    device = block_device(block)
+    kwargs = on_device(kwargs, device)
+    outputs = []
+    for batch in window_batches(hidden):
+        before_batch()
+        output = run_block(block, batch.to(device, torch.float32), kwargs)
+        outputs.extend(output.to("cpu", hidden[0].dtype).split(1))
+    return outputs
+
+
 def run_windows(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
     """``block``'s output for every window, batched by :func:`window_batches`."""
-    return [
-        output
-        for batch in window_batches(hidden)
-        for output in run_block(block, batch, kwargs).split(1)
-    ]
+    with torch.inference_mode():
+        return _block_outputs(block, hidden, kwargs, lambda: None)
 
 
 def measure_block(
@@ -111,33 +171,82 @@ def measure_block(
 ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
     """Run ``block`` on every window, returning its linears' stats and its outputs.
 
-    With ``gram`` each linear also accumulates its input Gram matrix; linears fed
-    the same tensor (q/k/v, gate/up) share one batch's statistics and product.
+    With ``gram`` each linear also accumulates its input Gram matrix. Linears fed
+    the same tensor (q/k/v, gate/up) share one :class:`ChannelStats` object: its
+    statistics and Gram matrix are computed and held once.
     """
     linears = block_linears(block)
-    stats = {name: ChannelStats.zeros(in_features(m), gram) for name, m in linears.items()}
+    stats: dict[str, ChannelStats] = {}
     batch_stats: dict[int, tuple[torch.Tensor, ChannelStats]] = {}
 
     def measurer(name: str):
         def hook(module, args):
             x = args[0]
             if id(x) not in batch_stats:  # x is held below, so its id is not reused
-                batch_stats[id(x)] = (x, ChannelStats.of(x, gram))
-            stats[name].add(batch_stats[id(x)][1])
+                batch_stats[id(x)] = (x, ChannelStats.of(x, gram), name)
+                if name not in stats:
+                    stats[name] = ChannelStats.zeros(in_features(module), gram, x.device)
+                stats[name].add(batch_stats[id(x)][1])
+            elif name not in stats:  # fed the tensor of an earlier linear: share its stats
+                stats[name] = stats[batch_stats[id(x)][2]]
 
         return hook
 
     handles = [m.register_forward_pre_hook(measurer(name)) for name, m in linears.items()]
-    outputs = []
     try:
         with torch.inference_mode():
-            for batch in window_batches(hidden):
-                outputs.extend(run_block(block, batch, kwargs).split(1))
-                batch_stats.clear()
+            outputs = _block_outputs(block, hidden, kwargs, batch_stats.clear)
     finally:
         for handle in handles:
             handle.remove()
-    return stats, outputs
+    return {name: stats[name] for name in linears}, outputs
+
+
+@dataclass
+class BlockWalk:
+    """Where a walk over the blocks stands: the next block's index and its inputs."""
+
+    index: int
+    hidden: list[torch.Tensor]
+
+
+def walk_blocks(
+    model: nn.Module,
+    inputs: BlockInputs,
+    process: Callable[[int, nn.Module, dict[str, ChannelStats]], None],
+    *,
+    sequential: bool = False,
+    progress: bool = True,
+    gram: bool = False,
+    loader: BlockLoader | None = None,
+    start: BlockWalk | None = None,
+    after_block: Callable[[BlockWalk], None] | None = None,
+    desc: str = "blocks",
+) -> None:
+    """Calibrate block by block, calling ``process(index, block, stats)`` for each.
+
+    ``loader`` puts each block's weights in place before it runs and releases them
+    after; ``start`` resumes a walk (its inputs are those of block ``start.index``);
+    ``after_block`` sees where the walk stands after each block (to save it).
+    """
+    loader = InPlace() if loader is None else loader
+    _, blocks = decoder_blocks(model)
+    walk = start or BlockWalk(0, inputs.hidden)
+    bar = tqdm(total=len(blocks), initial=walk.index, desc=desc, unit="block", disable=not progress)
+    with bar:
+        for index in range(walk.index, len(blocks)):
+            block = blocks[index]
+            kwargs = inputs.kwargs_by_block[index]
+            loader.load(index, block)
+            stats, outputs = measure_block(block, walk.hidden, kwargs, gram)
+            process(index, block, stats)
+            if sequential:
+                outputs = run_windows(block, walk.hidden, kwargs)
+            loader.release(index, block)
+            walk = BlockWalk(index + 1, outputs)
+            if after_block is not None:
+                after_block(walk)
+            bar.update()
 
 
 def for_each_block(
@@ -149,17 +258,8 @@ def for_each_block(
     gram: bool = False,
 ) -> None:
     """Calibrate block by block, calling ``process(index, block, stats)`` for each."""
-    captured = capture_block_inputs(model, batch)
-    hidden = captured.hidden
-    _, blocks = decoder_blocks(model)
-    for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
-        kwargs = captured.kwargs_by_block[index]
-        stats, outputs = measure_block(block, hidden, kwargs, gram)
-        process(index, block, stats)
-        if sequential:
-            with torch.inference_mode():
-                outputs = run_windows(block, hidden, kwargs)
-        hidden = outputs
+    inputs = capture_block_inputs(model, batch)
+    walk_blocks(model, inputs, process, sequential=sequential, progress=progress, gram=gram)
 
 
 def collect_stats(

@@ -31,12 +31,16 @@ class ChannelStats:
     gram: torch.Tensor | None = None  # [in, in] sum of x xᵀ, for error feedback
 
     @classmethod
-    def zeros(cls, channels: int, gram: bool = False) -> ChannelStats:
+    def zeros(cls, channels: int, gram: bool = False, device=None) -> ChannelStats:
         return cls(
-            torch.zeros(channels, dtype=torch.float64),
-            torch.zeros(channels, dtype=torch.float64),
-            torch.zeros(channels, dtype=torch.float32),
-            gram=torch.zeros(channels, channels, dtype=torch.float64) if gram else None,
+            torch.zeros(channels, dtype=torch.float64, device=device),
+            torch.zeros(channels, dtype=torch.float64, device=device),
+            torch.zeros(channels, dtype=torch.float32, device=device),
+            gram=(
+                torch.zeros(channels, channels, dtype=torch.float64, device=device)
+                if gram
+                else None
+            ),
         )
 
     @classmethod
@@ -73,6 +77,28 @@ class ChannelStats:
             return self.max_abs.double()
         raise ValueError(f"unknown statistic {name!r}; choose from {', '.join(STATISTICS)}")
 
+    def without_gram(self) -> ChannelStats:
+        return ChannelStats(self.sum_sq, self.sum_abs, self.max_abs, self.tokens)
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics as plain tensors (without the Gram matrix), to save."""
+        return {
+            "sum_sq": self.sum_sq,
+            "sum_abs": self.sum_abs,
+            "max_abs": self.max_abs,
+            "tokens": torch.tensor(self.tokens),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], gram=None) -> ChannelStats:
+        return cls(
+            tensors["sum_sq"],
+            tensors["sum_abs"],
+            tensors["max_abs"],
+            int(tensors["tokens"]),
+            gram,
+        )
+
     def energy(self) -> torch.Tensor:
         """Mean x² per channel: the weight of an error in that column of W."""
         return self.sum_sq / max(self.tokens, 1)
@@ -88,7 +114,7 @@ def token_gram(x: torch.Tensor) -> torch.Tensor:
     """
     flat = x.detach().reshape(-1, x.shape[-1]).float()
     channels = flat.shape[1]
-    gram = torch.empty(channels, channels)
+    gram = torch.empty(channels, channels, device=flat.device)
     for start in range(0, channels, GRAM_CHUNK):
         stop = min(start + GRAM_CHUNK, channels)
         gram[start:stop, start:] = flat[:, start:stop].t() @ flat[:, start:]

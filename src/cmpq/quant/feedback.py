@@ -64,6 +64,22 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> tuple[torc
     return torch.eye(gram.shape[0]), math.inf
 
 
+FeedbackOperator = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def feedback_operator(
+    gram: torch.Tensor, damp: float = 0.01, visit: torch.Tensor | None = None
+) -> FeedbackOperator:
+    """``(visit, factor, used)``: the order the columns are quantized in (``visit``,
+    by default GPTQ's act-order, the loudest input channels first), the
+    :func:`inverse_hessian_factor` of the Gram matrix in that order, and the
+    damping it took."""
+    if visit is None:
+        visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
+    factor, used = inverse_hessian_factor(gram[visit][:, visit], damp)
+    return visit, factor, used
+
+
 def _warn_damping(label: str, damp: float, used: float) -> None:
     """Say, in one line, that a layer's Gram matrix needed more damping than asked."""
     if used == damp:
@@ -103,11 +119,14 @@ def quantize_layer_feedback(
     damp: float = 0.01,
     order: str = "act",
     label: str = "layer",
+    operator: FeedbackOperator | None = None,
 ) -> LUTLayer:
     """Like :func:`cmpq.quant.tables.quantize_layer`, with GPTQ-style error feedback.
 
     ``gram`` is the ``[in, in]`` sum of ``x xᵀ`` over the calibration tokens;
     ``label`` names the layer in the warning given when it needs more damping.
+    ``operator`` is :func:`feedback_operator` of ``gram`` when already computed
+    (linears fed the same input share it: act order depends on ``gram`` alone).
     """
     weight = weight.float().contiguous()
     out_features, in_features = weight.shape
@@ -120,15 +139,13 @@ def quantize_layer_feedback(
         fitted = (luts, codes, perm, offsets, layout)
         outliers = add_error_outliers(weight, scale, outliers, fitted, q_outliers)
 
-    if order == "act":  # GPTQ's act-order: the loudest input channels first
-        visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
-    else:  # storage order: fewest bits first, the widest channels last
-        visit = perm
+    if operator is None or order != "act":
+        operator = feedback_operator(gram, damp, perm if order == "storage" else None)
+    visit, factor, used = operator
     widths = bits_per_channel[visit]
     group_of_width = {bits: g for g, bits in enumerate(group_bits)}
     work = weight[:, visit].clone()
     exact = outliers[:, visit]
-    factor, used = inverse_hessian_factor(gram[visit][:, visit], damp)
     _warn_damping(label, damp, used)
     if layout == "row":
         fit = (weight, energy, ~outliers, group_bits, offsets, perm, layout, iters, seed)

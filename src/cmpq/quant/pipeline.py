@@ -10,7 +10,11 @@ each block's linears are quantized side by side (:mod:`.tables`,
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,12 +23,13 @@ from tqdm.auto import tqdm
 from ..alloc.budget import outlier_count, solve_budget
 from ..alloc.paper import paper_allocation, paper_code_budgets
 from ..alloc.rd import RD_WIDTHS, rd_plan
-from ..calib.looper import collect_stats, for_each_block
+from ..calib.looper import BlockInputs, BlockLoader, InPlace, capture_block_inputs, walk_blocks
 from ..calib.stats import ChannelStats
 from ..calib.text import load_documents, sample_calibration
 from ..config import CMPQConfig, RTNConfig
 from ..errors import CmpqError
 from ..format.cost import LayerShape, stored_bits
+from ..format.layer import LUTLayer
 from ..memory import peak_rss_bytes
 from ..models.conventions import needs_bos
 from ..models.graph import (
@@ -38,11 +43,12 @@ from ..models.graph import (
 )
 from ..runtime.qlinear import QuantizedLinear
 from .executor import Executor, ThreadExecutor
-from .feedback import quantize_layer_feedback
+from .feedback import FeedbackOperator, feedback_operator, quantize_layer_feedback
 from .outliers import activation_outliers, activation_scale
 from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 from .tables import column_distortions, quantize_layer
+from .workdir import WorkDir
 
 
 def quantize_rtn(model: nn.Module, config: RTNConfig, progress: bool = True) -> QuantizationReport:
@@ -73,6 +79,74 @@ def calibration_batch(tokenizer, model, config: CMPQConfig) -> torch.Tensor:
     )
 
 
+LayerRow = tuple[str, int, int]  # full linear name, weights, stored bits
+
+
+class BlockSink(Protocol):
+    """Where a quantized block goes once its linears are replaced."""
+
+    def write(self, index: int, block: nn.Module) -> None: ...
+
+
+class KeepInModel:
+    """The quantized blocks stay in the model (the in-memory API)."""
+
+    def write(self, index: int, block: nn.Module) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Every channel's width and the outlier fraction: the plan pass 2 applies."""
+
+    code_bits: float
+    outlier_fraction: float
+    widths: dict[str, torch.Tensor] | None = None  # rd plans, by full name; else the paper rule
+
+    def widths_of(self, name: str, statistic: torch.Tensor, mixed: bool) -> torch.Tensor:
+        if self.widths is not None:
+            return self.widths[name]
+        return paper_allocation(statistic, self.code_bits, mixed)
+
+
+def plan_allocation(
+    shapes: dict[str, LayerShape],
+    config: CMPQConfig,
+    distortions: dict[str, torch.Tensor] | None = None,
+) -> Allocation:
+    """Solve the widths (from ``distortions`` for rd plans) under the total budget."""
+    outlier_fraction = config.outliers_act + config.outliers_q
+    try:
+        if config.allocation == "paper":
+            budget = solve_budget(
+                list(shapes.values()), config.bits, config.layout, outlier_fraction, config.mixed
+            )
+            return Allocation(budget.code_bits, budget.outlier_fraction)
+        layer_budgets = None
+        if config.allocation == "rd-layer":
+            paper = solve_budget(
+                list(shapes.values()), config.bits, "column", outlier_fraction, config.mixed
+            )
+            layer_budgets = paper_code_budgets(shapes, paper.code_bits, "column", config.mixed)
+        plan = rd_plan(
+            shapes, distortions, config.bits, outlier_fraction, layer_budgets=layer_budgets
+        )
+    except ValueError as exc:
+        raise CmpqError(str(exc)) from None
+    code_bits = (
+        sum(float(plan.widths[n].sum()) * shapes[n].out_features for n in shapes) / plan.params
+    )
+    return Allocation(code_bits, plan.outlier_fraction, plan.widths)
+
+
+def gram_bytes(shapes: dict[str, LayerShape]) -> int:
+    """An upper bound of the float64 Gram matrices' bytes (shared inputs counted per linear)."""
+    return sum(8 * shape.in_features**2 for shape in shapes.values())
+
+
+GRAM_DISK_SHARE = 0.5  # Gram matrices are kept on disk when they take at most this much of it
+
+
 def quantize_cmpq(
     model: nn.Module,
     config: CMPQConfig,
@@ -80,61 +154,257 @@ def quantize_cmpq(
     progress: bool = True,
     stats: dict[str, ChannelStats] | None = None,
     executor: Executor | None = None,
+    *,
+    loader: BlockLoader | None = None,
+    sink: BlockSink | None = None,
+    workdir: WorkDir | None = None,
 ) -> QuantizationReport:
     """CMPQ every decoder linear, replacing each with a :class:`QuantizedLinear`.
+
+    Two passes over the blocks, each holding one block at a time: the first
+    measures every linear (per-channel statistics and each column's distortion at
+    every width; the Gram matrices are written to ``workdir`` when its disk has
+    room, otherwise the second pass computes them again), the allocation is
+    solved, and the second quantizes each block and hands it to ``sink``. The
+    paper rule needs no measurements first: it runs the second pass alone.
 
     ``stats`` (from :func:`cmpq.calib.looper.collect_stats`, by full linear name)
     skips calibration: statistics of the full-precision model can be reused
     across runs that differ only in bits or quantizer options. ``executor`` runs
-    the per-linear work (default: :class:`~.executor.ThreadExecutor`).
+    the per-linear work (default: :class:`~.executor.ThreadExecutor`); ``loader``
+    puts each block's weights in place (default: where they are); ``sink`` takes
+    each quantized block (default: it stays in the model); ``workdir`` holds what
+    each pass finished (default: a temporary directory, removed at the end; a
+    resumable one lets an interrupted run continue from its last finished block).
     """
     start = time.perf_counter()
-    executor = ThreadExecutor() if executor is None else executor
-    linears = quantizable_linears(model)
-    shapes = {name: LayerShape(*weight_matrix(m).shape) for name, m in linears.items()}
-    outlier_fraction = config.outliers_act + config.outliers_q
-    report = QuantizationReport(method=config.method, config=config.as_dict())
-    plan = None
+    owned = workdir is None
+    workdir = WorkDir.temporary() if owned else workdir
+    run = _Run(
+        model,
+        config,
+        calibration,
+        progress,
+        stats,
+        ThreadExecutor() if executor is None else executor,
+        InPlace() if loader is None else loader,
+        KeepInModel() if sink is None else sink,
+        workdir,
+    )
     try:
-        if config.allocation in ("rd", "rd-layer"):
-            if stats is None:
-                stats = collect_stats(model, calibration, progress, gram=config.error_feedback)
-            layer_budgets = None
-            if config.allocation == "rd-layer":
-                paper = solve_budget(
-                    list(shapes.values()), config.bits, "column", outlier_fraction, config.mixed
-                )
-                layer_budgets = paper_code_budgets(shapes, paper.code_bits, "column", config.mixed)
-            distortions = rd_distortions(linears, stats, config, progress, executor)
-            plan = rd_plan(
-                shapes, distortions, config.bits, outlier_fraction, layer_budgets=layer_budgets
-            )
-            final_fraction = plan.outlier_fraction
-            report.code_bits = (
-                sum(float(plan.widths[n].sum()) * shapes[n].out_features for n in shapes)
-                / plan.params
-            )
-        else:
-            budget = solve_budget(
-                list(shapes.values()), config.bits, config.layout, outlier_fraction, config.mixed
-            )
-            final_fraction = budget.outlier_fraction
-            report.code_bits = budget.code_bits
-    except ValueError as exc:
-        raise CmpqError(str(exc)) from None
-    act_fraction = min(config.outliers_act, final_fraction)
-    prefix, _ = decoder_blocks(model)
+        report = run.quantize()
+    finally:
+        if owned:
+            workdir.remove()
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
 
-    def quantize_linear(
-        full_name: str, module: nn.Module, stats: ChannelStats, statistic: torch.Tensor
-    ):
+
+@dataclass
+class _Run:
+    """One :func:`quantize_cmpq` run: its passes over the blocks."""
+
+    model: nn.Module
+    config: CMPQConfig
+    calibration: torch.Tensor | None
+    progress: bool
+    stats: dict[str, ChannelStats] | None
+    executor: Executor
+    loader: BlockLoader
+    sink: BlockSink
+    workdir: WorkDir
+
+    def __post_init__(self) -> None:
+        linears = quantizable_linears(self.model)
+        self.shapes = {name: LayerShape(*weight_matrix(m).shape) for name, m in linears.items()}
+        self.prefix, self.blocks = decoder_blocks(self.model)
+        self.measures = self.config.allocation != "paper"
+        self.grams_on_disk = (
+            self.measures
+            and self.config.error_feedback
+            and self.stats is None
+            and gram_bytes(self.shapes) <= GRAM_DISK_SHARE * self.workdir.free_bytes()
+        )
+        self.inputs: BlockInputs | None = None
+
+    def _check_stats(self) -> None:
+        if self.stats is None:
+            return
+        if self.config.sequential:
+            raise CmpqError(
+                "`stats` (precomputed statistics) cannot be used with `sequential` calibration"
+            )
+        if self.config.error_feedback and any(s.gram is None for s in self.stats.values()):
+            raise CmpqError(
+                "error feedback needs statistics collected with gram=True "
+                "(cmpq.calib.looper.collect_stats(..., gram=True))"
+            )
+
+    def _given_stats(self, index: int) -> dict[str, ChannelStats]:
+        names = block_linears(self.blocks[index])
+        return {name: self.stats[f"{self.prefix}.{index}.{name}"] for name in names}
+
+    def _block_inputs(self) -> BlockInputs:
+        if self.inputs is None:
+            self.inputs = capture_block_inputs(self.model, self.calibration)
+        return self.inputs
+
+    def quantize(self) -> QuantizationReport:
+        self._check_stats()
+        distortions = self.measure() if self.measures else None
+        self.allocation = plan_allocation(self.shapes, self.config, distortions)
+        self.quantize_blocks()
+        report = QuantizationReport(method=self.config.method, config=self.config.as_dict())
+        report.code_bits = self.allocation.code_bits
+        for index in range(len(self.blocks)):
+            rows, statistics = self.workdir.done(index)
+            for _name, weights, bits in rows:
+                report.add_layer(weights, bits)
+            report.channel_statistics.update(statistics)
+        round_unquantized_to_fp16(self.model)
+        return report
+
+    # pass 1 -----------------------------------------------------------------------------
+    def measure(self) -> dict[str, torch.Tensor]:
+        """Pass 1: every block's statistics and distortions (and Gram matrices) to the
+        work directory; returns the distortions by full linear name."""
+
+        def measure_one(index: int, block: nn.Module, measured: dict[str, ChannelStats]) -> None:
+            distortions = block_distortions(block, measured, self.config, self.executor)
+            self.workdir.save_measurement(index, measured, distortions, self.grams_on_disk)
+
+        if self.stats is not None:
+            for index in tqdm(
+                range(len(self.blocks)), desc="measure", unit="block", disable=not self.progress
+            ):
+                with self._loaded(index) as block:
+                    measure_one(index, block, self._given_stats(index))
+        else:
+            start = self.workdir.walk("measure")
+            if start is None or not all(self.workdir.measured(i) for i in range(start.index)):
+                start = None
+            walk_blocks(
+                self.model,
+                self._block_inputs(),
+                measure_one,
+                progress=self.progress,
+                gram=self.grams_on_disk,
+                loader=self.loader,
+                start=start,
+                after_block=lambda walk: self.workdir.save_walk("measure", walk),
+                desc="measure",
+            )
+        distortions = {}
+        for index in range(len(self.blocks)):
+            _, measured = self.workdir.measurement(index)
+            distortions.update({f"{self.prefix}.{index}.{n}": d for n, d in measured.items()})
+        return distortions
+
+    @contextmanager
+    def _loaded(self, index: int):
+        block = self.blocks[index]
+        self.loader.load(index, block)
+        try:
+            yield block
+        finally:
+            self.loader.release(index, block)
+
+    # pass 2 -----------------------------------------------------------------------------
+    def quantize_blocks(self) -> None:
+        """Pass 2: quantize every block not finished yet; without the Gram matrices at
+        hand (error feedback, paper rule or no room on disk) calibration runs again."""
+        walk_again = self.config.error_feedback and not self.grams_on_disk and self.stats is None
+        walk_again = walk_again or (not self.measures and self.stats is None)
+        if not walk_again:
+            todo = [i for i in range(len(self.blocks)) if self.workdir.done(i) is None]
+            for index in tqdm(todo, desc="quantize", unit="block", disable=not self.progress):
+                with self._loaded(index) as block:
+                    given = self._given_stats(index) if self.stats is not None else {}
+                    self.quantize_block(index, block, given)
+            return
+        start = self.workdir.walk("quantize")
+        if start is not None and not all(self.workdir.done(i) for i in range(start.index)):
+            start = None
+        if start is None and all(self.workdir.done(i) for i in range(len(self.blocks))):
+            return
+        walk_blocks(
+            self.model,
+            self._block_inputs(),
+            self.quantize_block,
+            sequential=self.config.sequential,
+            progress=self.progress,
+            gram=self.config.error_feedback,
+            loader=self.loader,
+            start=start,
+            after_block=lambda walk: self.workdir.save_walk("quantize", walk),
+            desc="quantize",
+        )
+
+    def quantize_block(self, index: int, block: nn.Module, measured: dict[str, ChannelStats]):
+        """Quantize ``block``'s linears (``measured``: this pass's statistics, when it
+        measured them), hand the block to the sink and record it as done."""
+        names = list(block_linears(block))
+        if self.measures and self.stats is None:  # the statistics the plan was made from
+            recorded, _ = self.workdir.measurement(index)
+            if self.grams_on_disk:
+                grams = self.workdir.grams(index)
+            else:
+                grams = {n: measured[n].gram if n in measured else None for n in names}
+            measured = {n: dataclasses.replace(recorded[n], gram=grams[n]) for n in names}
+        full = f"{self.prefix}.{index}"
+        statistics = {n: measured[n].statistic(self.config.statistic) for n in names}
+        layers = quantize_block_linears(
+            block, full, measured, statistics, self.allocation, self.config, self.executor
+        )
+        rows = []
+        for name, layer in zip(names, layers, strict=True):
+            module = block.get_submodule(name)
+            quantized = QuantizedLinear.from_layer(layer, module.bias)
+            replace_module(block, name, quantized)
+            bits = stored_bits(quantized.stored_tensors())
+            rows.append((f"{full}.{name}", module.weight.numel(), bits))
+        self.sink.write(index, block)
+        self.workdir.save_done(index, rows, {f"{full}.{n}": statistics[n].float() for n in names})
+        self.workdir.drop_grams(index)
+
+
+def quantize_block_linears(
+    block: nn.Module,
+    full: str,
+    measured: dict[str, ChannelStats],
+    statistics: dict[str, torch.Tensor],
+    allocation: Allocation,
+    config: CMPQConfig,
+    executor: Executor,
+) -> list:
+    """The :class:`~cmpq.format.layer.LUTLayer` of each of ``block``'s linears, in order.
+
+    Linears fed one input share its Gram matrix, and with it their error
+    feedback's operator, computed once (on the executor, like the layers).
+    """
+    linears = list(block_linears(block).items())
+    act_fraction = min(config.outliers_act, allocation.outlier_fraction)
+    operators: dict[int, FeedbackOperator] = {}
+    if config.error_feedback:
+        for name, _ in linears:
+            if measured[name].gram is None:
+                raise CmpqError(
+                    "error feedback needs statistics collected with gram=True "
+                    "(cmpq.calib.looper.collect_stats(..., gram=True))"
+                )
+        distinct = list({id(measured[n].gram): measured[n].gram for n, _ in linears}.values())
+        computed = executor.map(
+            lambda gram: feedback_operator(gram, config.damp), distinct, lambda g: g.shape[0]
+        )
+        operators = {id(g): op for g, op in zip(distinct, computed, strict=True)}
+
+    def quantize_linear(item) -> LUTLayer:
+        name, module = item
         weight = weight_matrix(module)
         out_features, in_features = weight.shape
-        if plan is not None:
-            bits = plan.widths[full_name]
-        else:
-            bits = paper_allocation(statistic, budget.code_bits, config.mixed)
-        total = outlier_count(out_features, in_features, final_fraction)
+        bits = allocation.widths_of(f"{full}.{name}", statistics[name], config.mixed)
+        total = outlier_count(out_features, in_features, allocation.outlier_fraction)
         act = min(outlier_count(out_features, in_features, act_fraction), total)
         options = {
             "layout": config.layout,
@@ -143,51 +413,49 @@ def quantize_cmpq(
             "iters": config.kmeans_iters,
             "seed": config.seed,
         }
-        energy = stats.energy()
+        energy = measured[name].energy()
         if not config.error_feedback:
             return quantize_layer(weight, bits, energy, **options)
-        if stats.gram is None:
-            raise CmpqError(
-                "error feedback needs statistics collected with gram=True "
-                "(cmpq.calib.looper.collect_stats(..., gram=True))"
-            )
+        gram = measured[name].gram
         return quantize_layer_feedback(
-            weight, bits, energy, stats.gram, damp=config.damp, label=full_name, **options
+            weight,
+            bits,
+            energy,
+            gram,
+            damp=config.damp,
+            label=f"{full}.{name}",
+            operator=operators[id(gram)],
+            **options,
         )
 
-    def process(index: int, block: nn.Module, block_stats: dict[str, ChannelStats]) -> None:
-        linears = list(block_linears(block).items())
-        statistics = {name: block_stats[name].statistic(config.statistic) for name, _ in linears}
-        layers = executor.map(
-            lambda item: quantize_linear(
-                f"{prefix}.{index}.{item[0]}", item[1], block_stats[item[0]], statistics[item[0]]
-            ),
-            linears,
-            cost=lambda item: weight_matrix(item[1]).numel(),
-        )
-        for (name, module), layer in zip(linears, layers, strict=True):
-            report.channel_statistics[f"{prefix}.{index}.{name}"] = statistics[name].float()
-            quantized = QuantizedLinear.from_layer(layer, module.bias)
-            replace_module(block, name, quantized)
-            report.add_layer(module.weight.numel(), stored_bits(quantized.stored_tensors()))
+    return executor.map(quantize_linear, linears, cost=lambda item: weight_matrix(item[1]).numel())
 
-    if stats is None:
-        for_each_block(
-            model, calibration, process, config.sequential, progress, config.error_feedback
-        )
-    else:
-        if config.sequential:
-            raise CmpqError(
-                "`stats` (precomputed statistics) cannot be used with `sequential` calibration"
-            )
-        _, blocks = decoder_blocks(model)
-        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-            names = block_linears(block)
-            process(index, block, {name: stats[f"{prefix}.{index}.{name}"] for name in names})
-    round_unquantized_to_fp16(model)
-    report.seconds = time.perf_counter() - start
-    report.peak_rss_bytes = peak_rss_bytes()
-    return report
+
+def block_distortions(
+    block: nn.Module, measured: dict[str, ChannelStats], config: CMPQConfig, executor: Executor
+) -> dict[str, torch.Tensor]:
+    """Every column's output distortion at each candidate width, by linear name in
+    the block, relative to the layer's output energy.
+
+    The O_act outliers the layer will keep are left out of the fits, as they
+    will be at quantization time.
+    """
+
+    def distortion_of(item) -> torch.Tensor:
+        name, module = item
+        weight = weight_matrix(module).float()
+        energy = measured[name].energy()
+        act = outlier_count(*weight.shape, config.outliers_act)
+        keep = ~activation_outliers(weight, activation_scale(energy), act)
+        distortion = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
+        # relative to the layer's output energy, so a layer with loud activations does not
+        # outbid the rest (summed as absolute output MSE, rd measured 4x worse than paper)
+        output_energy = (energy.double() * weight.double().square().sum(0)).sum()
+        return distortion / output_energy.clamp_min(1e-30)
+
+    linears = list(block_linears(block).items())
+    found = executor.map(distortion_of, linears, lambda item: weight_matrix(item[1]).numel())
+    return {name: d for (name, _), d in zip(linears, found, strict=True)}
 
 
 def round_unquantized_to_fp16(model: nn.Module) -> None:
@@ -197,44 +465,6 @@ def round_unquantized_to_fp16(model: nn.Module) -> None:
         for parameter in model.parameters():
             if parameter.dtype == torch.float32:
                 parameter.copy_(parameter.half().float())
-
-
-def rd_distortions(
-    linears: dict[str, nn.Module],
-    stats: dict[str, ChannelStats],
-    config: CMPQConfig,
-    progress: bool,
-    executor: Executor,
-) -> dict[str, torch.Tensor]:
-    """Every column's output distortion at each candidate width, by full linear name.
-
-    The O_act outliers the layer will keep are left out of the fits, as they
-    will be at quantization time.
-    """
-
-    def distortion_of(name: str) -> torch.Tensor:
-        weight = weight_matrix(linears[name]).float()
-        energy = stats[name].energy()
-        act = outlier_count(*weight.shape, config.outliers_act)
-        keep = ~activation_outliers(weight, activation_scale(energy), act)
-        distortion = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
-        # relative to the layer's output energy, so a layer with loud activations does not
-        # outbid the rest (summed as absolute output MSE, rd measured 4x worse than paper)
-        output_energy = (energy.double() * weight.double().square().sum(0)).sum()
-        return distortion / output_energy.clamp_min(1e-30)
-
-    names = list(linears)
-    with tqdm(total=len(names), desc="rd", unit="linear", disable=not progress) as bar:
-
-        def measured(name: str) -> torch.Tensor:
-            distortion = distortion_of(name)
-            bar.update()
-            return distortion
-
-        def size(name: str) -> int:
-            return weight_matrix(linears[name]).numel()
-
-        return dict(zip(names, executor.map(measured, names, size), strict=True))
 
 
 def quantize(
