@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmpq.cli import main
 from cmpq.format.description import read_description
@@ -102,7 +103,35 @@ BAD_INPUTS = [
      "--allocation rd prices each input column alone: use --layout column"),
     (["eval", "{tiny}", "--seqlen", "100000"],
      "--seqlen 100000 is longer than the model's context"),
+    (["quantize", "{tiny}", "--device", "tpu", "--out", "{out}"], "--device must be one of"),
+    (["quantize", "{tiny}", "--resume", "--out", "{out}"], "no unfinished run to continue"),
+    (["quantize", "{tiny}", "--max-shard-size", "lots", "--out", "{out}"], "size"),
 ]  # fmt: skip
+if not torch.cuda.is_available():
+    BAD_INPUTS += [
+        (["quantize", "{tiny}", "--device", "cuda", "--out", "{out}"], "no CUDA GPU is available"),
+        (["quantize", "{tiny}", "--device", "cuda:1", "--out", "{out}"], "no CUDA GPU"),
+    ]
+
+
+def test_a_sharded_output_written_block_by_block_evaluates(
+    capsys, tmp_path, tiny_checkpoint, text_file
+):
+    out = tmp_path / "q"
+    code, _, err = run_cli(
+        capsys, "quantize", str(tiny_checkpoint), "--bits", "3", "--calib", str(text_file),
+        "--calib-samples", "4", "--calib-seqlen", "16", "--max-shard-size", "20KB",
+        "--device", "cpu", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").exists()
+    code, stdout, _ = run_cli(
+        capsys, "eval", str(out), "--dataset", str(text_file), "--seqlen", "16", "--windows", "2"
+    )
+    assert code == 0 and "perplexity" in stdout
+    code, stdout, _ = run_cli(capsys, "inspect", str(out), "--no-plot")
+    assert code == 0 and "q_proj" in stdout
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
@@ -251,26 +280,44 @@ def test_too_little_disk_fails_before_quantizing(capsys, monkeypatch, tmp_path, 
     assert not out.exists()
 
 
-def test_a_disk_that_fills_up_while_writing_leaves_nothing(
-    capsys, monkeypatch, tmp_path, tiny_checkpoint
-):
+def full_disk(tensors, path, metadata=None):
+    """``safetensors.torch.save_file`` on a disk that fills up mid-write."""
     from safetensors import SafetensorError
 
-    def full_disk(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)"
-        )
+    Path(path).write_bytes(b"partial")
+    raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
 
+
+QUICK_CMPQ = ("--bits", "3", "--calib-samples", "2", "--calib-seqlen", "16")
+
+
+def test_a_disk_that_fills_up_while_writing_a_block_keeps_the_work(
+    capsys, monkeypatch, tmp_path, tiny_checkpoint
+):
     monkeypatch.setattr("cmpq.runtime.checkpoint.save_file", full_disk)
     out = tmp_path / "q"
-    code, _, err = run_cli(
-        capsys, "quantize", str(tiny_checkpoint), "--bits", "3", "--calib-samples", "2",
-        "--calib-seqlen", "16", "--out", str(out),
-    )  # fmt: skip
+    code, _, err = run_cli(capsys, "quantize", str(tiny_checkpoint), *QUICK_CMPQ, "--out", str(out))
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "the disk filled up while writing block 0" in last
+    assert "run again with --resume" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / ".q.partial"]  # no output; the work is kept
+    monkeypatch.undo()
+    argv = ("quantize", str(tiny_checkpoint), *QUICK_CMPQ, "--out", str(out), "--resume")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert sorted(tmp_path.iterdir()) == [out]  # the work directory is gone once done
+
+
+def test_the_final_write_on_a_full_disk_leaves_no_output(
+    capsys, monkeypatch, tmp_path, tiny_checkpoint
+):
+    monkeypatch.setattr("cmpq.format.shards.save_file", full_disk)
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "quantize", str(tiny_checkpoint), *QUICK_CMPQ, "--out", str(out))
     assert code == 2
     assert "--out " in err and "the disk filled up while writing; nothing was written" in err
-    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+    assert list(tmp_path.iterdir()) == [tmp_path / ".q.partial"]  # no output or staging
 
 
 def test_every_config_field_is_an_option_and_the_defaults_are_the_configs(tiny_checkpoint):

@@ -7,16 +7,38 @@ the part that loads it: :mod:`cmpq.runtime.checkpoint` for cmpq outputs,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from .alloc.size import bits_for_size, estimated_packed_bytes
+from .config import CMPQConfig
+from .errors import CmpqError
 from .eval.generation import generate
 from .eval.perplexity import perplexity
+from .format.checkpoint import check_free_space, check_output_dir
 from .format.description import is_cmpq_output
-from .models.sources import load_pretrained
+from .models.devices import resolve_device
+from .models.sources import load_pretrained, local_checkpoint
+from .models.streaming import open_streamed
 from .quant.pipeline import quantize
-from .runtime.checkpoint import load_quantized, save_quantized
+from .quant.report import QuantizationReport
+from .quant.streamed import quantize_streamed
+from .runtime.checkpoint import (
+    dense_checkpoint_bytes,
+    load_quantized,
+    save_quantized,
+    tokenizer_bytes,
+)
 
-__all__ = ["generate", "load", "load_model", "perplexity", "quantize", "save_quantized"]
+__all__ = [
+    "generate",
+    "load",
+    "load_model",
+    "perplexity",
+    "quantize",
+    "quantize_checkpoint",
+    "save_quantized",
+]
 
 
 def load_model(spec: str, backend: str | None = None, embedding_dtype: str = "bfloat16"):
@@ -37,3 +59,67 @@ def load(path, backend: str | None = None, embedding_dtype: str = "bfloat16"):
     ``embedding_dtype`` (``bfloat16``, half the memory of ``float32`` and the
     faster of the two here; ``float32`` for the exact stored values)."""
     return load_quantized(Path(path), backend, embedding_dtype)
+
+
+def quantize_checkpoint(
+    spec: str,
+    out,
+    config,
+    *,
+    max_bytes: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    max_shard_size: int | None = None,
+    device: str | None = "cpu",
+    executor=None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize the model ``spec`` with ``config`` and write it to ``out``.
+
+    A local safetensors checkpoint (an alias, a Hugging Face checkpoint directory)
+    is read one decoder block at a time and written as it goes, so memory holds
+    one block (:mod:`cmpq.quant.streamed`); an interrupted run continues with
+    ``resume``. Anything else (a ``.gguf``, a hub id, RTN) is loaded whole.
+    ``max_bytes`` replaces ``config.bits`` by the bits that fill that many bytes;
+    ``max_shard_size`` (bytes) splits the weights into shards with an index;
+    ``device`` is where the work runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
+    ``executor`` runs the per-linear work (default: this machine's threads).
+    """
+    out = Path(out)
+    device = resolve_device(device)
+    check_output_dir(out, overwrite)
+    cmpq = isinstance(config, CMPQConfig)
+    if max_bytes is not None and not cmpq:
+        raise CmpqError("`max_size` replaces `bits` and works with CMPQ only")
+    path = local_checkpoint(spec) if cmpq else None
+    streamed = open_streamed(path) if path is not None else None
+    if streamed is None and resume:
+        raise CmpqError(
+            "`resume` needs a local safetensors checkpoint (an alias or a checkpoint "
+            f"directory) quantized with CMPQ; {spec} is loaded whole"
+        )
+    model, tokenizer = (
+        (streamed.model, streamed.tokenizer) if streamed is not None else load_pretrained(spec)
+    )
+    if max_bytes is not None:
+        config = dataclasses.replace(config, bits=bits_for_size(model, max_bytes))
+    weights = estimated_packed_bytes(model, config.bits) if cmpq else dense_checkpoint_bytes(model)
+    check_free_space(out, weights + tokenizer_bytes(tokenizer))
+    if streamed is not None:
+        with streamed:
+            return quantize_streamed(
+                streamed,
+                config,
+                out,
+                overwrite=overwrite,
+                resume=resume,
+                max_shard_size=max_shard_size,
+                device=device,
+                executor=executor,
+                progress=progress,
+            )
+    report = quantize(
+        model, config, tokenizer=tokenizer, progress=progress, executor=executor, device=device
+    )
+    save_quantized(model, tokenizer, report, out, overwrite, max_shard_size)
+    return report

@@ -21,19 +21,17 @@ from functools import partial
 from pathlib import Path
 
 from . import __version__
-from .alloc.size import bits_for_size, estimated_packed_bytes, parse_size
-from .api import generate, load_model, perplexity, quantize, save_quantized
+from .alloc.size import parse_size
+from .api import generate, load_model, perplexity, quantize, quantize_checkpoint
 from .calib.text import BUILTIN_DATASETS, load_documents
 from .config import CMPQConfig, RTNConfig
 from .errors import CmpqError, CmpqWarning
-from .format.checkpoint import check_free_space, check_output_dir
-from .format.spec import WEIGHTS_FILE
+from .format.shards import weight_files
 from .inspection import HEATMAP_FILE, as_dict, draw_heatmap, format_table, inspect_output
 from .memory import resident_bytes
 from .models.graph import quantizable_linears
 from .models.sources import DEFAULT_MODEL
 from .runtime.backends import BACKENDS
-from .runtime.checkpoint import dense_checkpoint_bytes, tokenizer_bytes
 from .runtime.embeddings import EMBEDDING_DTYPES
 
 EXIT_USER_ERROR = 2
@@ -41,6 +39,9 @@ CONFIGS = {"cmpq": CMPQConfig, "rtn": RTNConfig}
 # API parameters that are not config fields, as the CLI spells them
 COMMAND_FLAGS = {
     "max_size": "--max-size",
+    "max_shard_size": "--max-shard-size",
+    "resume": "--resume",
+    "device": "--device",
     "out": "--out",
     "overwrite": "--overwrite",
     "seqlen": "--seqlen",
@@ -213,25 +214,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     max_bytes = parse_size(args.max_size) if args.max_size is not None else None
     if max_bytes is not None and (args.method != "cmpq" or hasattr(args, "bits")):
         raise CmpqError("--max-size replaces --bits and works with --method cmpq only")
+    max_shard = parse_size(args.max_shard_size) if args.max_shard_size is not None else None
     out = Path(args.out)
-    check_output_dir(out, args.overwrite)
-    model, tokenizer = load_model(args.model)
-    if max_bytes is not None:
-        config = dataclasses.replace(config, bits=bits_for_size(model, max_bytes))
-    if isinstance(config, CMPQConfig):
-        weights = estimated_packed_bytes(model, config.bits)
-    else:
-        weights = dense_checkpoint_bytes(model)
-    check_free_space(out, weights + tokenizer_bytes(tokenizer))
-    report = quantize(model, config, tokenizer=tokenizer)
-    save_quantized(model, tokenizer, report, out, overwrite=args.overwrite)
+    report = quantize_checkpoint(
+        args.model,
+        out,
+        config,
+        max_bytes=max_bytes,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        max_shard_size=max_shard,
+        device=args.device,
+    )
     print(report.summary())
     result = {"model": args.model, "out": str(out), **report.as_dict()}
     if max_bytes is not None:
-        size = (out / WEIGHTS_FILE).stat().st_size
-        print(
-            f"{WEIGHTS_FILE}: {size:,} bytes of the {max_bytes:,} allowed ({size / max_bytes:.2%})"
-        )
+        size = sum(f.stat().st_size for f in weight_files(out))
+        print(f"weights: {size:,} bytes of the {max_bytes:,} allowed ({size / max_bytes:.2%})")
         result.update(max_bytes=max_bytes, model_bytes=size)
     print(f"wrote {out}")
     _write_json(args.json, result)
@@ -334,6 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(quant)
     quant.add_argument("--out", required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    quant.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last finished block "
+        "(same model, options and --out)",
+    )
+    quant.add_argument(
+        "--device",
+        default="cpu",
+        help="where calibration and quantization run: cpu (default), cuda, cuda:N or auto",
+    )
+    quant.add_argument(
+        "--max-shard-size",
+        help="split the weights into shards of at most this size, with an index "
+        "(2GB by default; 500MB, 1GiB, or a byte count)",
+    )
     quant.add_argument("--json", help="write the quantization report as JSON to this file")
     quant.set_defaults(func=cmd_quantize)
 

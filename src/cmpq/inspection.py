@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from .errors import CmpqError
 from .format.cost import stored_bits
 from .format.description import is_cmpq_output, read_description
-from .format.spec import REQUIRED_NAMES, STATS_FILE, STORED_NAMES, WEIGHTS_FILE
+from .format.shards import open_weights
+from .format.spec import REQUIRED_NAMES, STATS_FILE, STORED_NAMES
 
 HEATMAP_FILE = "bits_heatmap.png"
 # The dtypes cmpq stores, by their safetensors names: enough to size a tensor from its header.
@@ -179,13 +180,13 @@ def inspect_output(path: Path) -> Inspection:
     description = packed_description(path)
     try:
         statistics = read_statistics(path)
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+        with open_weights(path) as handle:
             keys = set(handle.keys())
             layers = [
                 read_layer(handle, keys, name, layer, statistics.get(name))
                 for name, layer in sorted(description["layers"].items(), key=block_order)
             ]
-    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError, CmpqError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CmpqError(f"{path} is not a readable cmpq output: {first}") from None
     return Inspection(path, description, layers)

@@ -64,7 +64,7 @@ def check_free_space(out: Path, needed_bytes: int) -> None:
         )
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     """safetensors reports a full disk as a SafetensorError whose text names os error 28."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -89,7 +89,7 @@ def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
         staging.rename(out)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise CmpqError(
                 f"`out` {out}: the disk filled up while writing; nothing was written. Free some "
                 "space and run again"

@@ -242,6 +242,17 @@ def _from_pretrained(source: str, **kwargs):
     return model, tokenizer
 
 
+def local_checkpoint(spec: str) -> Path | None:
+    """The local Hugging Face checkpoint directory ``spec`` names (an alias's
+    conversion, or a directory with ``config.json``); ``None`` for anything else."""
+    if spec in ALIASES:
+        return alias_checkpoint(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    return None
+
+
 def load_pretrained(spec: str):
     """Load ``spec`` (see module doc) as ``(model, tokenizer)`` in fp32, eval mode."""
     path = Path(spec).expanduser()

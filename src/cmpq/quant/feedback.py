@@ -61,7 +61,7 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> tuple[torc
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0 and bool(torch.isfinite(upper).all()):
                 return upper.float(), used
-    return torch.eye(gram.shape[0]), math.inf
+    return torch.eye(gram.shape[0], device=gram.device), math.inf
 
 
 FeedbackOperator = tuple[torch.Tensor, torch.Tensor, float]
@@ -76,6 +76,7 @@ def feedback_operator(
     damping it took."""
     if visit is None:
         visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
+    visit = visit.cpu()
     factor, used = inverse_hessian_factor(gram[visit][:, visit], damp)
     return visit, factor, used
 
@@ -151,7 +152,7 @@ def quantize_layer_feedback(
         fit = (weight, energy, ~outliers, group_bits, offsets, perm, layout, iters, seed)
         row_tables, _ = fit_tables(*fit)
     tables: list[torch.Tensor | None] = [None] * in_features  # per visited column
-    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=weight.device)
     quantized = torch.zeros_like(work)
 
     for start in range(0, in_features, block_size):

@@ -32,6 +32,7 @@ from ..format.cost import LayerShape, stored_bits
 from ..format.layer import LUTLayer
 from ..memory import peak_rss_bytes
 from ..models.conventions import needs_bos
+from ..models.devices import ToDevice, resolve_device
 from ..models.graph import (
     block_linears,
     decoder_blocks,
@@ -87,12 +88,19 @@ class BlockSink(Protocol):
 
     def write(self, index: int, block: nn.Module) -> None: ...
 
+    def restore(self, index: int, block: nn.Module, layout: str) -> None:
+        """Put back in ``block`` the quantized linears an interrupted run wrote."""
+        ...
+
 
 class KeepInModel:
     """The quantized blocks stay in the model (the in-memory API)."""
 
     def write(self, index: int, block: nn.Module) -> None:
         pass
+
+    def restore(self, index: int, block: nn.Module, layout: str) -> None:
+        raise CmpqError("a model quantized in memory cannot continue an interrupted run")
 
 
 @dataclass(frozen=True)
@@ -255,6 +263,9 @@ class _Run:
         distortions = self.measure() if self.measures else None
         self.allocation = plan_allocation(self.shapes, self.config, distortions)
         self.quantize_blocks()
+        for index, block in enumerate(self.blocks):
+            if not any(isinstance(m, QuantizedLinear) for m in block.modules()):
+                self.sink.restore(index, block, self.config.layout)  # done by an earlier run
         report = QuantizationReport(method=self.config.method, config=self.config.as_dict())
         report.code_bits = self.allocation.code_bits
         for index in range(len(self.blocks)):
@@ -353,20 +364,34 @@ class _Run:
                 grams = {n: measured[n].gram if n in measured else None for n in names}
             measured = {n: dataclasses.replace(recorded[n], gram=grams[n]) for n in names}
         full = f"{self.prefix}.{index}"
-        statistics = {n: measured[n].statistic(self.config.statistic) for n in names}
+        statistics = {n: measured[n].statistic(self.config.statistic).cpu() for n in names}
         layers = quantize_block_linears(
             block, full, measured, statistics, self.allocation, self.config, self.executor
         )
         rows = []
         for name, layer in zip(names, layers, strict=True):
             module = block.get_submodule(name)
-            quantized = QuantizedLinear.from_layer(layer, module.bias)
+            quantized = QuantizedLinear.from_layer(on_cpu(layer), module.bias)
             replace_module(block, name, quantized)
             bits = stored_bits(quantized.stored_tensors())
             rows.append((f"{full}.{name}", module.weight.numel(), bits))
         self.sink.write(index, block)
         self.workdir.save_done(index, rows, {f"{full}.{n}": statistics[n].float() for n in names})
         self.workdir.drop_grams(index)
+
+
+def on_cpu(layer: LUTLayer) -> LUTLayer:
+    """``layer`` with its tensors on the CPU (where packing runs)."""
+
+    def moved(value):
+        if isinstance(value, torch.Tensor):
+            return value.cpu()
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    fields = {f.name: moved(getattr(layer, f.name)) for f in dataclasses.fields(layer)}
+    return dataclasses.replace(layer, **fields)
 
 
 def quantize_block_linears(
@@ -475,12 +500,16 @@ def quantize(
     progress: bool = True,
     stats: dict[str, ChannelStats] | None = None,
     executor: Executor | None = None,
+    device: str | torch.device | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``config`` and return what was stored.
 
     CMPQ needs calibration windows: pass ``calibration`` (an int64 ``[n, seqlen]``
     token tensor), or a ``tokenizer`` to sample them from ``config.calib``.
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) is where calibration and
+    quantization run; the model stays on the CPU, one block at a time moves there.
     """
+    device = resolve_device(device)
     if isinstance(config, RTNConfig):
         return quantize_rtn(model, config, progress)
     if isinstance(config, CMPQConfig):
@@ -488,5 +517,6 @@ def quantize(
             if tokenizer is None:
                 raise CmpqError("CMPQ needs `calibration` windows or a `tokenizer` to sample them")
             calibration = calibration_batch(tokenizer, model, config)
-        return quantize_cmpq(model, config, calibration, progress, stats, executor)
+        loader = ToDevice(device) if device.type != "cpu" else None
+        return quantize_cmpq(model, config, calibration, progress, stats, executor, loader=loader)
     raise TypeError(f"unsupported config type {type(config).__name__}")

@@ -24,14 +24,15 @@ when quantized, so nothing changes), which keeps the file the size cmpq reports.
 from __future__ import annotations
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CmpqError
 from ..format.checkpoint import packed_state_dict
 from ..format.description import check_description, check_format_version
-from ..format.spec import FORMAT_VERSION, FP16_NAMES, QUANT_METHOD, WEIGHTS_FILE
+from ..format.shards import StoredTensors
+from ..format.spec import FORMAT_VERSION, FP16_NAMES, QUANT_METHOD
 from ..format.validate import LinearTarget, read_checked_layers
 from ..models.graph import is_linear, replace_module, weight_matrix
 from .qlinear import QuantizedLinear
@@ -78,13 +79,10 @@ class CmpqHfQuantizer(HfQuantizer):
         description = self.quantization_config.to_dict()
         description.pop("quant_method", None)
         check_description(description, FORMAT_VERSION)
-        if len(checkpoint_files or []) != 1:
-            raise CmpqError(
-                f"a cmpq checkpoint is one {WEIGHTS_FILE}, found {len(checkpoint_files or [])} "
-                "weight files (re-save with a larger max_shard_size)"
-            )
+        if not checkpoint_files:
+            raise CmpqError("a cmpq checkpoint needs its weight files; found none")
         try:  # transformers builds the model under a meta-device context: check on the CPU
-            with torch.device("cpu"), safe_open(str(checkpoint_files[0]), framework="pt") as handle:
+            with torch.device("cpu"), StoredTensors(checkpoint_files) as handle:
                 stored = read_checked_layers(
                     handle,
                     description,
@@ -93,7 +91,7 @@ class CmpqHfQuantizer(HfQuantizer):
                     getattr(model, "all_tied_weights_keys", None),
                 )
         except SafetensorError as exc:  # truncated or garbage: the header does not cover the file
-            raise CmpqError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
+            raise CmpqError(f"the weights are not readable safetensors files: {exc}") from None
         for name, layer in description["layers"].items():
             bias = torch.empty(layer["out_features"]) if layer["bias"] else None
             module = QuantizedLinear(
