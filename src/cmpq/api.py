@@ -20,6 +20,7 @@ from .format.description import is_cmpq_output
 from .models.devices import resolve_device
 from .models.sources import load_pretrained, local_checkpoint
 from .models.streaming import open_streamed
+from .quant.executor import EXECUTORS, RayExecutor, ThreadExecutor, make_executor
 from .quant.pipeline import quantize
 from .quant.report import QuantizationReport
 from .quant.streamed import quantize_streamed
@@ -31,9 +32,13 @@ from .runtime.checkpoint import (
 )
 
 __all__ = [
+    "EXECUTORS",
+    "RayExecutor",
+    "ThreadExecutor",
     "generate",
     "load",
     "load_model",
+    "make_executor",
     "perplexity",
     "quantize",
     "quantize_checkpoint",

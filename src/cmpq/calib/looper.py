@@ -177,18 +177,18 @@ def measure_block(
     """
     linears = block_linears(block)
     stats: dict[str, ChannelStats] = {}
-    batch_stats: dict[int, tuple[torch.Tensor, ChannelStats]] = {}
+    batch_stats: dict[int, tuple[torch.Tensor, str]] = {}  # input id: (input, first linear)
 
     def measurer(name: str):
         def hook(module, args):
             x = args[0]
             if id(x) not in batch_stats:  # x is held below, so its id is not reused
-                batch_stats[id(x)] = (x, ChannelStats.of(x, gram), name)
+                batch_stats[id(x)] = (x, name)
                 if name not in stats:
                     stats[name] = ChannelStats.zeros(in_features(module), gram, x.device)
-                stats[name].add(batch_stats[id(x)][1])
+                stats[name].update(x)
             elif name not in stats:  # fed the tensor of an earlier linear: share its stats
-                stats[name] = stats[batch_stats[id(x)][2]]
+                stats[name] = stats[batch_stats[id(x)][1]]
 
         return hook
 

@@ -61,11 +61,17 @@ class ChannelStats:
         self.sum_abs += other.sum_abs
         self.max_abs = torch.maximum(self.max_abs, other.max_abs)
         self.tokens += other.tokens
-        if self.gram is not None:
+        if self.gram is not None and other.gram is not None:
             self.gram += other.gram
 
     def update(self, x: torch.Tensor) -> None:
-        self.add(ChannelStats.of(x, gram=self.gram is not None))
+        """Add one batch ``x [..., channels]``; its Gram matrix is summed into this one's
+        a tile at a time (the same sums as :meth:`of` then :meth:`add`, without a
+        whole float32 Gram matrix beside the float64 one)."""
+        batch = ChannelStats.of(x, gram=False)
+        self.add(batch)
+        if self.gram is not None:
+            token_gram(x, into=self.gram)
 
     def statistic(self, name: str) -> torch.Tensor:
         """The allocation statistic: L2 norm, mean |x| or max |x| per channel."""
@@ -104,19 +110,22 @@ class ChannelStats:
         return self.sum_sq / max(self.tokens, 1)
 
 
-def token_gram(x: torch.Tensor) -> torch.Tensor:
+def token_gram(x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_t x_t x_tᵀ`` over the tokens of ``x``: float32 products, float64 result
     (a batch's few thousand tokens sum exactly enough in float32; the float64
-    accumulator keeps the sum over batches).
+    accumulator keeps the sum over batches). With ``into`` (a float64 accumulator)
+    each tile is added to it as it is computed, and ``into`` is returned.
 
     Only the tiles on and above the diagonal are multiplied, the rest mirrored:
     at 1536 channels that is 44 % fewer multiply-adds than ``xᵀx`` in one product.
     """
     flat = x.detach().reshape(-1, x.shape[-1]).float()
     channels = flat.shape[1]
-    gram = torch.empty(channels, channels, device=flat.device)
+    gram = torch.zeros(channels, channels, dtype=torch.float64, device=flat.device)
+    gram = gram if into is None else into
     for start in range(0, channels, GRAM_CHUNK):
         stop = min(start + GRAM_CHUNK, channels)
-        gram[start:stop, start:] = flat[:, start:stop].t() @ flat[:, start:]
-        gram[stop:, start:stop] = gram[start:stop, stop:].t()
-    return gram.double()
+        tile = flat[:, start:stop].t() @ flat[:, start:]
+        gram[start:stop, start:] += tile
+        gram[stop:, start:stop] += tile[:, stop - start :].t()
+    return gram

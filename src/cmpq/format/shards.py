@@ -107,6 +107,12 @@ class StoredTensors:
         self.files = [Path(f) for f in files]
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
+        self._file: dict[str, Path] = {}
+
+    def files_of(self, keys: Iterable[str]) -> list[Path]:
+        """The files holding ``keys`` (names known from an earlier opening)."""
+        wanted = {self._file[key] for key in keys}
+        return [path for path in self.files if path in wanted]
 
     def __enter__(self) -> StoredTensors:
         for path in self.files:
@@ -117,6 +123,7 @@ class StoredTensors:
                 raise CmpqError(f"{path.name} is not a readable safetensors file: {exc}") from None
             for key in handle.keys():
                 self._where[key] = handle
+                self._file[key] = path
         return self
 
     def __exit__(self, *exc) -> None:

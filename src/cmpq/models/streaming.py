@@ -40,7 +40,7 @@ def _tied(model: nn.Module) -> set[str]:
 
 class StreamedCheckpoint:
     """A checkpoint's model skeleton (blocks on the meta device), its tokenizer and
-    its tensors, open for reading; a context manager (closes the files)."""
+    where each of its tensors is (files are opened only while tensors are read)."""
 
     def __init__(self, path: Path, model: nn.Module, tokenizer, tensors: StoredTensors) -> None:
         self.path = Path(path)
@@ -53,14 +53,27 @@ class StreamedCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.tensors.__exit__(*exc)
+        pass
 
     def read(self, key: str, device=None) -> torch.Tensor:
         """Checkpoint tensor ``key`` in float32 (integer tensors as they are)."""
-        tensor = self.tensors.get_tensor(key)
-        if tensor.is_floating_point():
-            tensor = tensor.float()
-        return tensor.to(device) if device is not None else tensor
+        return self.read_many([key], device)[key]
+
+    def read_many(self, keys: list[str], device=None) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors ``keys`` in float32 (integer tensors as they are), copied
+        out of the files, which are opened for this read only: a file kept open
+        would keep every page read so far resident (a memory map's pages count in
+        the process's memory until it is unmapped)."""
+        with StoredTensors(self.tensors.files_of(keys)) as tensors:
+            read = {}
+            for key in keys:
+                tensor = tensors.get_tensor(key)
+                converted = tensor.float() if tensor.is_floating_point() else tensor
+                converted = converted.to(device) if device is not None else converted
+                if converted.data_ptr() == tensor.data_ptr():
+                    converted = converted.clone()  # not a view of the memory map
+                read[key] = converted
+        return read
 
 
 def open_streamed(path: Path) -> StreamedCheckpoint | None:
@@ -77,10 +90,10 @@ def open_streamed(path: Path) -> StreamedCheckpoint | None:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
-    tensors = StoredTensors(files).__enter__()
+    with StoredTensors(files) as tensors:  # an index of names; files open only to read
+        pass
     expected = set(model.state_dict()) - _tied(model)
     if not expected <= set(tensors.keys()):
-        tensors.__exit__(None, None, None)
         return None
     tokenizer = AutoTokenizer.from_pretrained(path)
     streamed = StreamedCheckpoint(path, model, tokenizer, tensors)
@@ -95,12 +108,12 @@ def _load_outside_blocks(streamed: StreamedCheckpoint) -> None:
     head = model.get_output_embeddings()
     head_names = {f"{name}.weight" for name, m in model.named_modules() if m is head}
     tied = _tied(model)
-    state = {}
-    for key in model.state_dict():
-        if key.startswith(f"{streamed.prefix}.") or key in tied or key in head_names:
-            continue
-        state[key] = streamed.read(key)
-    model.load_state_dict(state, strict=False, assign=True)
+    keys = [
+        key
+        for key in model.state_dict()
+        if not (key.startswith(f"{streamed.prefix}.") or key in tied or key in head_names)
+    ]
+    model.load_state_dict(streamed.read_many(keys), strict=False, assign=True)
     if tied:
         model.tie_weights()
 
@@ -127,8 +140,8 @@ class CheckpointBlocks:
         missing = [k for k in block.state_dict() if prefix + k not in self.streamed.tensors]
         if missing:
             raise CmpqError(f"{self.streamed.path}: the checkpoint lacks {prefix}{missing[0]}")
-        state = {k: self.streamed.read(prefix + k, self.device) for k in block.state_dict()}
-        block.load_state_dict(state, assign=True)
+        read = self.streamed.read_many([prefix + k for k in block.state_dict()], self.device)
+        block.load_state_dict({k[len(prefix) :]: v for k, v in read.items()}, assign=True)
         for name, buffer in self._own_buffers[index].items():
             module_name, _, attribute = name.rpartition(".")
             module = block.get_submodule(module_name) if module_name else block

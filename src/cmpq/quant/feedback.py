@@ -36,7 +36,9 @@ from .tables import fit_tables
 DAMPING_STEPS = 6  # the damping is raised tenfold up to this many times
 
 
-def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+def inverse_hessian_factor(
+    gram: torch.Tensor, damp: float = 0.01, own: bool = False
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` (float32), GPTQ's update operator,
     and the damping it took.
 
@@ -46,19 +48,23 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> tuple[torc
     tokens, or rounding) the damping is raised tenfold until the factorization
     succeeds. If it never does (non-finite entries), the identity is returned
     with damping ``inf``: every column is then rounded on its own, no feedback.
+    With ``own`` (a float64 ``gram`` the caller gives up) it is damped in place;
+    at most two more ``[in, in]`` float64 matrices live at once.
     """
-    hessian = gram.double().clone()
+    hessian = gram if own and gram.dtype == torch.float64 else gram.double().clone()
     diagonal = hessian.diagonal()
     diagonal[diagonal <= 0] = 1.0
     mean = diagonal.mean().item()
+    undamped = diagonal.clone()
     for attempt in range(DAMPING_STEPS):
         used = damp * 10**attempt
-        damped = hessian.clone()
-        damped.diagonal().add_(used * mean)
-        factor, info = torch.linalg.cholesky_ex(damped)
+        torch.add(undamped, used * mean, out=diagonal)
+        factor, info = torch.linalg.cholesky_ex(hessian)
         if info == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and bool(torch.isfinite(upper).all()):
                 return upper.float(), used
     return torch.eye(gram.shape[0], device=gram.device), math.inf
@@ -77,7 +83,7 @@ def feedback_operator(
     if visit is None:
         visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
     visit = visit.cpu()
-    factor, used = inverse_hessian_factor(gram[visit][:, visit], damp)
+    factor, used = inverse_hessian_factor(gram[visit[:, None], visit], damp, own=True)
     return visit, factor, used
 
 

@@ -30,7 +30,7 @@ from ..config import CMPQConfig, RTNConfig
 from ..errors import CmpqError
 from ..format.cost import LayerShape, stored_bits
 from ..format.layer import LUTLayer
-from ..memory import peak_rss_bytes
+from ..memory import peak_rss_bytes, return_freed_memory
 from ..models.conventions import needs_bos
 from ..models.devices import ToDevice, resolve_device
 from ..models.graph import (
@@ -195,7 +195,7 @@ def quantize_cmpq(
         progress,
         stats,
         ThreadExecutor() if executor is None else executor,
-        InPlace() if loader is None else loader,
+        _Trimming(InPlace() if loader is None else loader),
         KeepInModel() if sink is None else sink,
         workdir,
     )
@@ -207,6 +207,20 @@ def quantize_cmpq(
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+class _Trimming:
+    """A loader whose every release hands the memory freed back to the system."""
+
+    def __init__(self, loader: BlockLoader) -> None:
+        self.loader = loader
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self.loader.load(index, block)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        self.loader.release(index, block)
+        return_freed_memory()
 
 
 @dataclass
@@ -410,7 +424,7 @@ def quantize_block_linears(
     """
     linears = list(block_linears(block).items())
     act_fraction = min(config.outliers_act, allocation.outlier_fraction)
-    operators: dict[int, FeedbackOperator] = {}
+    operators: dict[str, FeedbackOperator] = {}  # by linear name: tasks may run elsewhere
     if config.error_feedback:
         for name, _ in linears:
             if measured[name].gram is None:
@@ -422,7 +436,8 @@ def quantize_block_linears(
         computed = executor.map(
             lambda gram: feedback_operator(gram, config.damp), distinct, lambda g: g.shape[0]
         )
-        operators = {id(g): op for g, op in zip(distinct, computed, strict=True)}
+        by_gram = {id(g): op for g, op in zip(distinct, computed, strict=True)}
+        operators = {name: by_gram[id(measured[name].gram)] for name, _ in linears}
 
     def quantize_linear(item) -> LUTLayer:
         name, module = item
@@ -449,7 +464,7 @@ def quantize_block_linears(
             gram,
             damp=config.damp,
             label=f"{full}.{name}",
-            operator=operators[id(gram)],
+            operator=operators[name],
             **options,
         )
 
