@@ -232,3 +232,41 @@ def test_input_validation() -> None:
         weighted_kmeans_1d(torch.zeros(2, 0), None, 2)
     c, a = weighted_kmeans_1d(torch.zeros(0, 8), None, 2)
     assert c.shape == (0, 2) and a.shape == (0, 8)
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_chunks_of_rows_give_the_whole_batch_results_exactly(monkeypatch, refine):
+    """Large batches run a chunk of rows at a time (bounded memory): same bits."""
+    from cmpq.quant import kmeans
+
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(37, 50, generator=generator) * torch.rand(37, 1, generator=generator)
+    weights = torch.rand(37, 50, generator=generator)
+    weights[3] = 0  # an all-zero row falls back to uniform weights in every chunk
+    start = torch.sort(torch.randn(37, 4, generator=generator), dim=1).values
+    whole = [
+        *kmeans.weighted_kmeans_1d_each(values, weights, [2, 4, 8], refine=refine),
+        kmeans.weighted_kmeans_1d(values, weights, 4, init=start, refine=False),
+    ]
+    monkeypatch.setattr(kmeans, "CHUNK_VALUES", 120)  # 2 rows per chunk, a ragged last one
+    assert len(kmeans.row_chunks(37, 50)) == 19
+    chunked = [
+        *kmeans.weighted_kmeans_1d_each(values, weights, [2, 4, 8], refine=refine),
+        kmeans.weighted_kmeans_1d(values, weights, 4, init=start, refine=False),
+    ]
+    for (c1, a1), (c2, a2) in zip(whole, chunked, strict=True):
+        assert torch.equal(c1, c2) and torch.equal(a1, a2)
+
+
+def test_column_distortions_in_chunks_are_the_whole_layers(monkeypatch):
+    from cmpq.alloc.rd import RD_WIDTHS
+    from cmpq.quant import kmeans
+    from cmpq.quant.tables import column_distortions
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, 30, generator=generator)
+    energy = torch.rand(30, generator=generator).double()
+    keep = torch.rand(40, 30, generator=generator) > 0.05
+    whole = column_distortions(weight, energy, keep, RD_WIDTHS)
+    monkeypatch.setattr(kmeans, "CHUNK_VALUES", 100)
+    assert torch.equal(column_distortions(weight, energy, keep, RD_WIDTHS), whole)

@@ -115,7 +115,7 @@ def quantize_layer_feedback(
     weight: torch.Tensor,
     bits_per_channel: torch.Tensor,
     energy: torch.Tensor,
-    gram: torch.Tensor,
+    gram: torch.Tensor | None,
     *,
     layout: str = "column",
     act_outliers: int = 0,
@@ -133,7 +133,8 @@ def quantize_layer_feedback(
     ``gram`` is the ``[in, in]`` sum of ``x xᵀ`` over the calibration tokens;
     ``label`` names the layer in the warning given when it needs more damping.
     ``operator`` is :func:`feedback_operator` of ``gram`` when already computed
-    (linears fed the same input share it: act order depends on ``gram`` alone).
+    (linears fed the same input share it: act order depends on ``gram`` alone);
+    ``gram`` may then be ``None``.
     """
     weight = weight.float().contiguous()
     out_features, in_features = weight.shape

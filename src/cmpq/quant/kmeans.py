@@ -39,7 +39,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["nearest_centroid", "weighted_kmeans_1d", "weighted_kmeans_1d_each", "weighted_sse"]
+__all__ = [
+    "nearest_centroid",
+    "row_chunks",
+    "weighted_kmeans_1d",
+    "weighted_kmeans_1d_each",
+    "weighted_sse",
+]
 
 _INITS = ("companded", "quantile", "kmeans++")
 
@@ -279,8 +285,38 @@ def weighted_kmeans_1d_each(
     if N == 0:
         raise ValueError("values must have at least one column")
     w = _prepare_weights(weights, v)
+    chunks = row_chunks(B, N)
+    if len(chunks) > 1 and not (isinstance(init, str) and init == "kmeans++"):
+        # rows are independent problems (deterministic inits, per-row convergence):
+        # a chunk of rows at a time bounds the temporaries, with the same results
+        fits = [
+            weighted_kmeans_1d_each(
+                v[rows],
+                w[rows],
+                ks,
+                iters=iters,
+                tol=tol,
+                seed=seed,
+                refine=refine,
+                init=init[rows] if isinstance(init, torch.Tensor) else init,
+            )  # fmt: skip
+            for rows in chunks
+        ]
+        return [
+            (torch.cat([f[i][0] for f in fits]), torch.cat([f[i][1] for f in fits]))
+            for i in range(len(ks))
+        ]
     runs = _Runs(v, w) if B > 0 and any(N > k for k in ks) else None
     return [_fit(v, w, runs, k, iters, tol, init, seed, refine) for k in ks]
+
+
+CHUNK_VALUES = 1 << 22  # values per chunk of rows: the fits' temporaries take ~100 bytes each
+
+
+def row_chunks(rows: int, columns: int) -> list[slice]:
+    """Slices of at most :data:`CHUNK_VALUES` values' worth of rows (at least one row)."""
+    size = max(1, CHUNK_VALUES // max(columns, 1))
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _fit(v, w, runs, k, iters, tol, init, seed, refine) -> tuple[torch.Tensor, torch.Tensor]:

@@ -379,9 +379,14 @@ class _Run:
             measured = {n: dataclasses.replace(recorded[n], gram=grams[n]) for n in names}
         full = f"{self.prefix}.{index}"
         statistics = {n: measured[n].statistic(self.config.statistic).cpu() for n in names}
-        layers = quantize_block_linears(
-            block, full, measured, statistics, self.allocation, self.config, self.executor
-        )
+        operators = feedback_operators(names, measured, self.config, self.executor)
+        energies = {n: measured[n].energy() for n in names}
+        if self.stats is None:  # the Gram matrices are ours and done with: free them
+            for stats in measured.values():
+                stats.gram = None
+        del measured
+        plan = (self.allocation, self.config, self.executor)
+        layers = quantize_block_linears(block, full, energies, statistics, operators, *plan)
         rows = []
         for name, layer in zip(names, layers, strict=True):
             module = block.get_submodule(name)
@@ -408,36 +413,43 @@ def on_cpu(layer: LUTLayer) -> LUTLayer:
     return dataclasses.replace(layer, **fields)
 
 
+def feedback_operators(
+    names: list[str], measured: dict[str, ChannelStats], config: CMPQConfig, executor: Executor
+) -> dict[str, FeedbackOperator]:
+    """Each linear's error-feedback operator, by name (empty without error feedback).
+    Linears fed one input share its Gram matrix, and with it their operator,
+    computed once (on the executor, like the layers)."""
+    if not config.error_feedback:
+        return {}
+    if any(measured[name].gram is None for name in names):
+        raise CmpqError(
+            "error feedback needs statistics collected with gram=True "
+            "(cmpq.calib.looper.collect_stats(..., gram=True))"
+        )
+    distinct = list({id(measured[n].gram): measured[n].gram for n in names}.values())
+    computed = executor.map(
+        lambda gram: feedback_operator(gram, config.damp), distinct, lambda g: g.shape[0]
+    )
+    by_gram = {id(g): op for g, op in zip(distinct, computed, strict=True)}
+    return {name: by_gram[id(measured[name].gram)] for name in names}
+
+
 def quantize_block_linears(
     block: nn.Module,
     full: str,
-    measured: dict[str, ChannelStats],
+    energies: dict[str, torch.Tensor],
     statistics: dict[str, torch.Tensor],
+    operators: dict[str, FeedbackOperator],
     allocation: Allocation,
     config: CMPQConfig,
     executor: Executor,
 ) -> list:
-    """The :class:`~cmpq.format.layer.LUTLayer` of each of ``block``'s linears, in order.
-
-    Linears fed one input share its Gram matrix, and with it their error
-    feedback's operator, computed once (on the executor, like the layers).
-    """
+    """The :class:`~cmpq.format.layer.LUTLayer` of each of ``block``'s linears, in order:
+    widths from ``allocation`` (and each channel's ``statistics``), outliers ranked by
+    ``energies`` (mean x² per channel), errors fed forward through ``operators``
+    (:func:`feedback_operators`) with error feedback on."""
     linears = list(block_linears(block).items())
     act_fraction = min(config.outliers_act, allocation.outlier_fraction)
-    operators: dict[str, FeedbackOperator] = {}  # by linear name: tasks may run elsewhere
-    if config.error_feedback:
-        for name, _ in linears:
-            if measured[name].gram is None:
-                raise CmpqError(
-                    "error feedback needs statistics collected with gram=True "
-                    "(cmpq.calib.looper.collect_stats(..., gram=True))"
-                )
-        distinct = list({id(measured[n].gram): measured[n].gram for n, _ in linears}.values())
-        computed = executor.map(
-            lambda gram: feedback_operator(gram, config.damp), distinct, lambda g: g.shape[0]
-        )
-        by_gram = {id(g): op for g, op in zip(distinct, computed, strict=True)}
-        operators = {name: by_gram[id(measured[name].gram)] for name, _ in linears}
 
     def quantize_linear(item) -> LUTLayer:
         name, module = item
@@ -453,15 +465,14 @@ def quantize_block_linears(
             "iters": config.kmeans_iters,
             "seed": config.seed,
         }
-        energy = measured[name].energy()
+        energy = energies[name]
         if not config.error_feedback:
             return quantize_layer(weight, bits, energy, **options)
-        gram = measured[name].gram
         return quantize_layer_feedback(
             weight,
             bits,
             energy,
-            gram,
+            None,
             damp=config.damp,
             label=f"{full}.{name}",
             operator=operators[name],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..format.layer import LUTLayer, storage_order
-from .kmeans import nearest_centroid, weighted_kmeans_1d, weighted_kmeans_1d_each
+from .kmeans import nearest_centroid, row_chunks, weighted_kmeans_1d, weighted_kmeans_1d_each
 from .outliers import activation_outliers, activation_scale, add_error_outliers
 
 
@@ -149,11 +149,15 @@ def column_distortions(
     (:mod:`cmpq.alloc.rd`) chooses widths from these.
     """
     values, mask = weight.float().t(), keep.t().float()
-    columns = []
-    fits = weighted_kmeans_1d_each(
-        values, mask, [2**bits for bits in widths], iters=iters, seed=seed, refine=False
-    )
-    for centroids, assignment in fits:
-        error = (values - centroids.half().float().gather(1, assignment)).square() * mask
-        columns.append(error.sum(dim=1).double() * energy.double())
-    return torch.stack(columns, dim=1)
+    chunks = []
+    for rows in row_chunks(*values.shape):  # a chunk of columns at a time: bounded memory
+        part, part_mask = values[rows], mask[rows]
+        fits = weighted_kmeans_1d_each(
+            part, part_mask, [2**bits for bits in widths], iters=iters, seed=seed, refine=False
+        )
+        columns = []
+        for centroids, assignment in fits:
+            error = (part - centroids.half().float().gather(1, assignment)).square() * part_mask
+            columns.append(error.sum(dim=1).double() * energy[rows].double())
+        chunks.append(torch.stack(columns, dim=1))
+    return torch.cat(chunks)
