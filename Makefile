@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint bench-peers clean
 
@@ -10,17 +11,22 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned to the local CPU build, so nothing pulls a CUDA build.
+# The demo needs the library alone; the tests add their extras (pytest, triton, ray, ...).
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plot]'
+	$(PY) -m pip install -q -e .
 	$(PY) -m cmpq.runtime.cpu_kernel
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/cmpq demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 # The side-by-side benchmark against the peers, in its own environment (the peers'
@@ -41,7 +47,7 @@ bench-peers: $(BENCH_STAMP)
 	PIP=$(BENCH_VENV)/bin/pip benchmarks/peers/build_llama_cpp.sh
 	for model in $(BENCH_MODELS); do $(BENCH_PY) benchmarks/peers/run_peers.py --model $$model || exit 1; done
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests
 

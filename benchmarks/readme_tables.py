@@ -201,7 +201,32 @@ def runtime(shape: str = "4096x4096", weights: str = "cmpq 2.5") -> list[str]:
     return lines
 
 
+def scale() -> list[str]:
+    """Memory and time of quantizing: 8B-wide synthetic models, and smollm2 before/after."""
+    lines = [
+        "| model | blocks | fp32 model | peak RSS | quantize | per weight | written | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(load("scale-synthetic"), key=lambda r: r["blocks"]):
+        lines.append(
+            f"| Llama-3-8B-wide, random | {r['blocks']} | {r['fp32_bytes'] / 1e9:.1f} GB | "
+            f"{r['peak_rss_bytes'] / 1e9:.1f} GB | {r['quantize_seconds'] / 60:.0f} min | "
+            f"{r['quantize_seconds'] / r['quantized_params'] * 1e6:.2f} µs | "
+            f"{r['bytes_written'] / 1e9:.2f} GB | {commit_of(r)} |"
+        )
+    for r in sorted(load("scale-smollm2-135m"), key=lambda r: (r["bits"], r["code"])):
+        if r["code"] != "after":
+            continue
+        lines.append(
+            f"| smollm2-135m, {r['bits']:g} bits | 30 | 0.5 GB | "
+            f"{r['peak_rss_bytes'] / 1e9:.1f} GB | {r['quantize_seconds'] / 60:.1f} min | "
+            f"{r['quantize_seconds'] / 106_168_320 * 1e6:.2f} µs | — | {commit_of(r)} |"
+        )
+    return lines
+
+
 BLOCKS = {
+    "scale": scale,
     "runtime": runtime,
     "headline": headline,
     "demo": demo,
