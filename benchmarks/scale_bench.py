@@ -2,6 +2,7 @@
 
     python benchmarks/scale_bench.py synthetic [--blocks 1 2 4 8] [--samples 16] [--seqlen 512]
     python benchmarks/scale_bench.py smollm2 [--bits 2.5 3.0 4.5] [--before a9d9259]
+        [--codes before after]
 
 ``synthetic``: random-weight Llama models at Llama-3-8B width (hidden 4096, MLP
 14336, 32 heads, 8 key-value heads, vocabulary 32000) with 1, 2, 4 and 8
@@ -208,13 +209,13 @@ def worktree(commit: str) -> Path:
     return path
 
 
-def bench_smollm2(bits_list: list[float], before: str) -> None:
+def bench_smollm2(bits_list: list[float], before: str, codes: list[str]) -> None:
     command = (
         f"python benchmarks/scale_bench.py smollm2 --bits {' '.join(f'{b:g}' for b in bits_list)} "
-        f"--before {before}"
+        f"--before {before} --codes {' '.join(codes)}"
     )
     results = ResultsFile.open(SMOLLM2_STEM, command)
-    for code in ("before", "after"):
+    for code in codes:
         env = None
         if code == "before":
             env = {**os.environ, "PYTHONPATH": str(worktree(before) / "src")}
@@ -281,11 +282,13 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.5])
     parser.add_argument("--before", default="a9d9259")
+    codes = ["before", "after"]
+    parser.add_argument("--codes", nargs="+", choices=codes, default=codes)
     args = parser.parse_args()
     if args.command == "synthetic":
         bench_synthetic(args.blocks, args.samples, args.seqlen)
     else:
-        bench_smollm2(args.bits, args.before)
+        bench_smollm2(args.bits, args.before, args.codes)
 
 
 if __name__ == "__main__":
