@@ -214,7 +214,8 @@ def scale() -> list[str]:
             f"{r['quantize_seconds'] / r['quantized_params'] * 1e6:.2f} µs | "
             f"{r['bytes_written'] / 1e9:.2f} GB | {commit_of(r)} |"
         )
-    for r in sorted(load("scale-smollm2-135m"), key=lambda r: (r["bits"], r["code"])):
+    smollm2 = sorted(load("scale-smollm2-135m"), key=lambda r: (r["bits"], r["code"]))
+    for r in smollm2:
         if r["code"] != "after":
             continue
         lines.append(
@@ -222,6 +223,14 @@ def scale() -> list[str]:
             f"{r['peak_rss_bytes'] / 1e9:.1f} GB | {r['quantize_seconds'] / 60:.1f} min | "
             f"{r['quantize_seconds'] / 106_168_320 * 1e6:.2f} µs | — | {commit_of(r)} |"
         )
+    for r in smollm2:
+        if r["code"] == "before":
+            lines += [
+                "",
+                f"Before (commit {commit_of(r)}: the whole model in fp32 and every linear's XᵀX "
+                f"in memory), `smollm2-135m` at {r['bits']:g} bits peaked at "
+                f"{r['peak_rss_bytes'] / 1e9:.2f} GB and took {r['wall_seconds'] / 60:.1f} min.",
+            ]
     return lines
 
 

@@ -317,7 +317,9 @@ class _Run:
                 gram=self.grams_on_disk,
                 loader=self.loader,
                 start=start,
-                after_block=lambda walk: self.workdir.save_walk("measure", walk),
+                after_block=lambda walk: self.workdir.save_walk(
+                    "measure", walk, final=walk.index == len(self.blocks)
+                ),
                 desc="measure",
             )
         distortions = {}
@@ -362,7 +364,9 @@ class _Run:
             gram=self.config.error_feedback,
             loader=self.loader,
             start=start,
-            after_block=lambda walk: self.workdir.save_walk("quantize", walk),
+            after_block=lambda walk: self.workdir.save_walk(
+                "quantize", walk, final=walk.index == len(self.blocks)
+            ),
             desc="quantize",
         )
 

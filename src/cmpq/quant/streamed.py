@@ -22,6 +22,7 @@ import torch
 from ..config import CMPQConfig
 from ..errors import CmpqError, CmpqWarning
 from ..format.spec import FORMAT_VERSION
+from ..memory import return_freed_memory
 from ..models.streaming import CheckpointBlocks, StreamedCheckpoint
 from ..runtime.checkpoint import BlockFiles, save_quantized
 from .executor import Executor
@@ -85,6 +86,8 @@ def quantize_streamed(
         sink=blocks,
         workdir=workdir,
     )
+
+    return_freed_memory()  # the blocks' leftovers, before the output is assembled
 
     def fetch(key: str) -> torch.Tensor:
         stored = blocks.tensor(key)

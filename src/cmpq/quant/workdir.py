@@ -17,12 +17,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from ..calib.looper import BlockWalk
 from ..calib.stats import ChannelStats
+
+WALK_SAVE_SECONDS = 60.0  # an interrupted walk loses at most about this much work
 
 
 def _atomic_save(value, path: Path) -> None:
@@ -42,6 +45,7 @@ class WorkDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.resumable = resumable
+        self._walk_saved: dict[str, float] = {}  # when each stage's walk was last saved
 
     @classmethod
     def temporary(cls) -> WorkDir:
@@ -117,9 +121,19 @@ class WorkDir:
     def _walk(self, stage: str) -> Path:
         return self.path / f"walk-{stage}.pt"
 
-    def save_walk(self, stage: str, walk: BlockWalk) -> None:
-        if self.resumable:
-            _atomic_save({"index": walk.index, "hidden": torch.cat(walk.hidden)}, self._walk(stage))
+    def save_walk(self, stage: str, walk: BlockWalk, final: bool = False) -> None:
+        """Save where a walk stands, at most every :data:`WALK_SAVE_SECONDS` (the
+        hidden states are the size of the calibration activations; writing them
+        after every block of a small model cost more than the block), and always
+        when it is ``final``."""
+        if not self.resumable:
+            return
+        now = time.monotonic()
+        if not final and now - self._walk_saved.get(stage, 0.0) < WALK_SAVE_SECONDS:
+            return
+        # the windows as they are: no concatenated copy
+        _atomic_save({"index": walk.index, "hidden": walk.hidden}, self._walk(stage))
+        self._walk_saved[stage] = time.monotonic()
 
     def walk(self, stage: str) -> BlockWalk | None:
         """Where an interrupted walk of ``stage`` stopped (``None``: from the start)."""
@@ -127,7 +141,7 @@ class WorkDir:
         if not (self.resumable and path.exists()):
             return None
         record = _load(path)
-        return BlockWalk(int(record["index"]), list(record["hidden"].split(1)))
+        return BlockWalk(int(record["index"]), list(record["hidden"]))
 
     def drop_walk(self, stage: str) -> None:
         self._walk(stage).unlink(missing_ok=True)
