@@ -78,6 +78,7 @@ def quantize_checkpoint(
     device: str | None = "cpu",
     executor=None,
     progress: bool = True,
+    hidden_dtype: str = "float32",
 ) -> QuantizationReport:
     """Quantize the model ``spec`` with ``config`` and write it to ``out``.
 
@@ -88,7 +89,9 @@ def quantize_checkpoint(
     ``max_bytes`` replaces ``config.bits`` by the bits that fill that many bytes;
     ``max_shard_size`` (bytes) splits the weights into shards with an index;
     ``device`` is where the work runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
-    ``executor`` runs the per-linear work (default: this machine's threads).
+    ``executor`` runs the per-linear work (default: this machine's threads);
+    ``hidden_dtype`` (``float32``, ``bfloat16``, ``float16``) holds the calibration
+    hidden states between blocks (bfloat16: half their memory, not exact).
     """
     out = Path(out)
     device = resolve_device(device)
@@ -122,9 +125,16 @@ def quantize_checkpoint(
                 device=device,
                 executor=executor,
                 progress=progress,
+                hidden_dtype=hidden_dtype,
             )
     report = quantize(
-        model, config, tokenizer=tokenizer, progress=progress, executor=executor, device=device
+        model,
+        config,
+        tokenizer=tokenizer,
+        progress=progress,
+        executor=executor,
+        device=device,
+        hidden_dtype=hidden_dtype,
     )
     save_quantized(model, tokenizer, report, out, overwrite, max_shard_size)
     return report

@@ -51,6 +51,7 @@ COMMAND_FLAGS = {
     "resume": "--resume",
     "device": "--device",
     "executor": "--executor",
+    "hidden_dtype": "--hidden-dtype",
     "ray_address": "--ray-address",
     "out": "--out",
     "overwrite": "--overwrite",
@@ -236,6 +237,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         max_shard_size=max_shard,
         device=args.device,
         executor=make_executor(args.executor, args.ray_address),
+        hidden_dtype=args.hidden_dtype,
     )
     print(report.summary())
     result = {"model": args.model, "out": str(out), **report.as_dict()}
@@ -354,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="cpu",
         help="where calibration and quantization run: cpu (default), cuda, cuda:N or auto",
+    )
+    quant.add_argument(
+        "--hidden-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the calibration hidden states held between blocks (float32: exact; "
+        "bfloat16: half the memory)",
     )
     quant.add_argument(
         "--executor",

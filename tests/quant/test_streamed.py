@@ -219,3 +219,18 @@ def test_quantizing_on_a_device_leaves_the_model_on_the_cpu(device):
         assert torch.equal(expected, got)
     else:  # other kernels, other rounding: about the same model
         assert (expected - got).norm() <= 0.05 * expected.norm()
+
+
+def test_hidden_states_in_bfloat16_give_about_the_same_model():
+    batch = tiny_batch(4, 24)
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        models[dtype] = make_tiny_model("llama")
+        quantize(models[dtype], CONFIG, calibration=batch, progress=False, hidden_dtype=dtype)
+    window = tiny_batch(1, 16, seed=3)
+    with torch.no_grad():
+        exact, rounded = (models[d](window).logits for d in ("float32", "bfloat16"))
+    assert not torch.equal(exact, rounded)  # the calibration inputs were rounded ...
+    assert (exact - rounded).norm() <= 0.1 * exact.norm()  # ... and the model barely moved
+    with pytest.raises(CmpqError, match="`hidden_dtype` must be one of"):
+        quantize(make_tiny_model("llama"), CONFIG, calibration=batch, hidden_dtype="int8")

@@ -71,6 +71,17 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, progress: bool = True) -> 
     return report
 
 
+HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hidden_state_dtype(name: str) -> torch.dtype:
+    """The torch dtype ``hidden_dtype`` names, or a clear error."""
+    if name not in HIDDEN_DTYPES:
+        choices = ", ".join(HIDDEN_DTYPES)
+        raise CmpqError(f"`hidden_dtype` must be one of {choices} (got {name!r})")
+    return HIDDEN_DTYPES[name]
+
+
 def calibration_batch(tokenizer, model, config: CMPQConfig) -> torch.Tensor:
     """The calibration windows ``config`` asks for, sampled with its seed."""
     bos = tokenizer.bos_token_id if needs_bos(tokenizer, model) else None
@@ -166,6 +177,7 @@ def quantize_cmpq(
     loader: BlockLoader | None = None,
     sink: BlockSink | None = None,
     workdir: WorkDir | None = None,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> QuantizationReport:
     """CMPQ every decoder linear, replacing each with a :class:`QuantizedLinear`.
 
@@ -183,7 +195,9 @@ def quantize_cmpq(
     puts each block's weights in place (default: where they are); ``sink`` takes
     each quantized block (default: it stays in the model); ``workdir`` holds what
     each pass finished (default: a temporary directory, removed at the end; a
-    resumable one lets an interrupted run continue from its last finished block).
+    resumable one lets an interrupted run continue from its last finished block);
+    ``hidden_dtype`` holds the calibration hidden states between blocks (float32:
+    exact; bfloat16 halves their memory, every block still computes in float32).
     """
     start = time.perf_counter()
     owned = workdir is None
@@ -198,6 +212,7 @@ def quantize_cmpq(
         _Trimming(InPlace() if loader is None else loader),
         KeepInModel() if sink is None else sink,
         workdir,
+        hidden_dtype,
     )
     try:
         report = run.quantize()
@@ -236,6 +251,7 @@ class _Run:
     loader: BlockLoader
     sink: BlockSink
     workdir: WorkDir
+    hidden_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         linears = quantizable_linears(self.model)
@@ -269,7 +285,7 @@ class _Run:
 
     def _block_inputs(self) -> BlockInputs:
         if self.inputs is None:
-            self.inputs = capture_block_inputs(self.model, self.calibration)
+            self.inputs = capture_block_inputs(self.model, self.calibration, self.hidden_dtype)
         return self.inputs
 
     def quantize(self) -> QuantizationReport:
@@ -531,6 +547,7 @@ def quantize(
     stats: dict[str, ChannelStats] | None = None,
     executor: Executor | None = None,
     device: str | torch.device | None = None,
+    hidden_dtype: str = "float32",
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``config`` and return what was stored.
 
@@ -538,8 +555,11 @@ def quantize(
     token tensor), or a ``tokenizer`` to sample them from ``config.calib``.
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) is where calibration and
     quantization run; the model stays on the CPU, one block at a time moves there.
+    ``hidden_dtype`` (``float32``, ``bfloat16``, ``float16``) holds the calibration
+    hidden states between blocks.
     """
     device = resolve_device(device)
+    held = hidden_state_dtype(hidden_dtype)
     if isinstance(config, RTNConfig):
         return quantize_rtn(model, config, progress)
     if isinstance(config, CMPQConfig):
@@ -548,5 +568,7 @@ def quantize(
                 raise CmpqError("CMPQ needs `calibration` windows or a `tokenizer` to sample them")
             calibration = calibration_batch(tokenizer, model, config)
         loader = ToDevice(device) if device.type != "cpu" else None
-        return quantize_cmpq(model, config, calibration, progress, stats, executor, loader=loader)
+        return quantize_cmpq(
+            model, config, calibration, progress, stats, executor, loader=loader, hidden_dtype=held
+        )
     raise TypeError(f"unsupported config type {type(config).__name__}")

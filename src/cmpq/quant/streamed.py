@@ -26,7 +26,7 @@ from ..memory import return_freed_memory
 from ..models.streaming import CheckpointBlocks, StreamedCheckpoint
 from ..runtime.checkpoint import BlockFiles, save_quantized
 from .executor import Executor
-from .pipeline import calibration_batch, quantize_cmpq
+from .pipeline import calibration_batch, hidden_state_dtype, quantize_cmpq
 from .report import QuantizationReport
 from .workdir import WorkDir
 
@@ -59,8 +59,11 @@ def quantize_streamed(
     executor: Executor | None = None,
     progress: bool = True,
     calibration: torch.Tensor | None = None,
+    hidden_dtype: str = "float32",
 ) -> QuantizationReport:
-    """CMPQ ``streamed`` into ``out``, one block in memory at a time (see module doc)."""
+    """CMPQ ``streamed`` into ``out``, one block in memory at a time (see module doc);
+    ``hidden_dtype`` holds the calibration hidden states between blocks."""
+    held = hidden_state_dtype(hidden_dtype)
     if calibration is None:
         calibration = calibration_batch(streamed.tokenizer, streamed.model, config)
     partial = work_directory(out)
@@ -74,7 +77,7 @@ def quantize_streamed(
     elif resume and not partial.exists():
         raise CmpqError(f"`resume`: there is no unfinished run to continue ({partial} is missing)")
     workdir = WorkDir(partial, resumable=True)
-    workdir.check_run(run_identity(streamed, config, calibration))
+    workdir.check_run({**run_identity(streamed, config, calibration), "hidden_dtype": hidden_dtype})
     blocks = BlockFiles(partial / "blocks", streamed.prefix)
     report = quantize_cmpq(
         streamed.model,
@@ -85,6 +88,7 @@ def quantize_streamed(
         loader=CheckpointBlocks(streamed, device),
         sink=blocks,
         workdir=workdir,
+        hidden_dtype=held,
     )
 
     return_freed_memory()  # the blocks' leftovers, before the output is assembled
