@@ -114,19 +114,18 @@ def quantize_checkpoint(
     weights = estimated_packed_bytes(model, config.bits) if cmpq else dense_checkpoint_bytes(model)
     check_free_space(out, weights + tokenizer_bytes(tokenizer))
     if streamed is not None:
-        with streamed:
-            return quantize_streamed(
-                streamed,
-                config,
-                out,
-                overwrite=overwrite,
-                resume=resume,
-                max_shard_size=max_shard_size,
-                device=device,
-                executor=executor,
-                progress=progress,
-                hidden_dtype=hidden_dtype,
-            )
+        return quantize_streamed(
+            streamed,
+            config,
+            out,
+            overwrite=overwrite,
+            resume=resume,
+            max_shard_size=max_shard_size,
+            device=device,
+            executor=executor,
+            progress=progress,
+            hidden_dtype=hidden_dtype,
+        )
     report = quantize(
         model,
         config,

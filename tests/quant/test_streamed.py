@@ -58,11 +58,11 @@ def test_streamed_output_equals_the_in_memory_output_byte_for_byte(tmp_path, arc
     model, tokenizer = load_pretrained(str(source))
     report = quantize(model, config, calibration=batch, progress=False)
     save_quantized(model, tokenizer, report, tmp_path / "memory", max_shard_size=SHARD)
-    with open_streamed(source) as streamed:
-        streamed_report = quantize_streamed(
-            streamed, config, tmp_path / "streamed", max_shard_size=SHARD, calibration=batch,
-            progress=False,
-        )  # fmt: skip
+    streamed = open_streamed(source)
+    streamed_report = quantize_streamed(
+        streamed, config, tmp_path / "streamed", max_shard_size=SHARD, calibration=batch,
+        progress=False,
+    )  # fmt: skip
     assert (tmp_path / "streamed" / INDEX_FILE).exists()
     assert len(weight_files(tmp_path / "streamed")) >= 2
     assert same_files(tmp_path / "memory", tmp_path / "streamed") == []
@@ -84,27 +84,27 @@ def test_gram_matrices_recomputed_or_kept_on_disk_give_the_same_model(monkeypatc
 
 def test_at_most_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
     source = save_checkpoint(tmp_path / "source", "llama")
-    with open_streamed(source) as streamed:
-        _, blocks = decoder_blocks(streamed.model)
-        assert all(p.is_meta for b in blocks for p in b.parameters())  # nothing read yet
-        seen = []
-        load, release = CheckpointBlocks.load, CheckpointBlocks.release
+    streamed = open_streamed(source)
+    _, blocks = decoder_blocks(streamed.model)
+    assert all(p.is_meta for b in blocks for p in b.parameters())  # nothing read yet
+    seen = []
+    load, release = CheckpointBlocks.load, CheckpointBlocks.release
 
-        def materialised() -> list[int]:
-            return [i for i, b in enumerate(blocks) if any(not p.is_meta for p in b.parameters())]
+    def materialised() -> list[int]:
+        return [i for i, b in enumerate(blocks) if any(not p.is_meta for p in b.parameters())]
 
-        def loading(self, index, block):
-            load(self, index, block)
-            seen.append(materialised())
+    def loading(self, index, block):
+        load(self, index, block)
+        seen.append(materialised())
 
-        def releasing(self, index, block):
-            release(self, index, block)
-            assert materialised() == []
+    def releasing(self, index, block):
+        release(self, index, block)
+        assert materialised() == []
 
-        monkeypatch.setattr(CheckpointBlocks, "load", loading)
-        monkeypatch.setattr(CheckpointBlocks, "release", releasing)
-        quantize_streamed(streamed, CONFIG, tmp_path / "q", calibration=tiny_batch(4, 24),
-                          progress=False)  # fmt: skip
+    monkeypatch.setattr(CheckpointBlocks, "load", loading)
+    monkeypatch.setattr(CheckpointBlocks, "release", releasing)
+    quantize_streamed(streamed, CONFIG, tmp_path / "q", calibration=tiny_batch(4, 24),
+                      progress=False)  # fmt: skip
     assert seen == [[0], [1], [0], [1]]  # measure, then quantize: one block each time
     head = streamed.model.get_output_embeddings().weight
     assert head.is_meta or head is streamed.model.get_input_embeddings().weight
@@ -128,11 +128,11 @@ RUN = textwrap.dedent(
         time.sleep(float(os.environ.get("PAUSE", "0")))
 
     pipeline._Run.quantize_block = slow
-    with open_streamed({source!r}) as streamed:
-        quantize_streamed(
-            streamed, CMPQConfig(bits=3.3, kmeans_iters=5), {out!r}, resume=len(sys.argv) > 1,
-            calibration=tiny_batch(4, 24), progress=False,
-        )
+    streamed = open_streamed({source!r})
+    quantize_streamed(
+        streamed, CMPQConfig(bits=3.3, kmeans_iters=5), {out!r}, resume=len(sys.argv) > 1,
+        calibration=tiny_batch(4, 24), progress=False,
+    )
     print("finished", flush=True)
     """
 )
@@ -164,19 +164,19 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path):
 
 def test_resume_refuses_a_run_with_other_settings(tmp_path):
     source = save_checkpoint(tmp_path / "source", "llama")
-    with open_streamed(source) as streamed:
-        work_directory(tmp_path / "q").mkdir()
-        quantize_streamed(streamed, CONFIG, tmp_path / "q", calibration=tiny_batch(4, 24),
-                          progress=False, resume=True)  # fmt: skip
-    with open_streamed(source) as streamed:
-        with pytest.raises(CmpqError, match="no unfinished run"):
-            quantize_streamed(streamed, CONFIG, tmp_path / "r", resume=True, progress=False)
-        from cmpq.quant.workdir import WorkDir
+    streamed = open_streamed(source)
+    work_directory(tmp_path / "q").mkdir()
+    quantize_streamed(streamed, CONFIG, tmp_path / "q", calibration=tiny_batch(4, 24),
+                      progress=False, resume=True)  # fmt: skip
+    streamed = open_streamed(source)
+    with pytest.raises(CmpqError, match="no unfinished run"):
+        quantize_streamed(streamed, CONFIG, tmp_path / "r", resume=True, progress=False)
+    from cmpq.quant.workdir import WorkDir
 
-        WorkDir(work_directory(tmp_path / "s")).check_run({"config": "another"})
-        with pytest.raises(CmpqError, match="holds a run with other settings"):
-            quantize_streamed(streamed, CONFIG, tmp_path / "s", calibration=tiny_batch(4, 24),
-                              progress=False, resume=True)  # fmt: skip
+    WorkDir(work_directory(tmp_path / "s")).check_run({"config": "another"})
+    with pytest.raises(CmpqError, match="holds a run with other settings"):
+        quantize_streamed(streamed, CONFIG, tmp_path / "s", calibration=tiny_batch(4, 24),
+                          progress=False, resume=True)  # fmt: skip
 
 
 def test_sharded_outputs_load_and_save_pretrained_shards_round_trip(tmp_path):

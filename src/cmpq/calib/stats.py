@@ -83,9 +83,6 @@ class ChannelStats:
             return self.max_abs.double()
         raise ValueError(f"unknown statistic {name!r}; choose from {', '.join(STATISTICS)}")
 
-    def without_gram(self) -> ChannelStats:
-        return ChannelStats(self.sum_sq, self.sum_abs, self.max_abs, self.tokens)
-
     def as_tensors(self) -> dict[str, torch.Tensor]:
         """The statistics as plain tensors (without the Gram matrix), to save."""
         return {

@@ -49,12 +49,6 @@ class StreamedCheckpoint:
         self.tensors = tensors
         self.prefix, self.blocks = decoder_blocks(model)
 
-    def __enter__(self) -> StreamedCheckpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
     def read(self, key: str, device=None) -> torch.Tensor:
         """Checkpoint tensor ``key`` in float32 (integer tensors as they are)."""
         return self.read_many([key], device)[key]

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 from ..alloc.budget import outlier_count, solve_budget
 from ..alloc.paper import paper_allocation, paper_code_budgets
 from ..alloc.rd import RD_WIDTHS, rd_plan
-from ..calib.looper import BlockInputs, BlockLoader, InPlace, capture_block_inputs, walk_blocks
+from ..calib.looper import (
+    BlockInputs,
+    BlockLoader,
+    BlockWalk,
+    InPlace,
+    capture_block_inputs,
+    walk_blocks,
+)
 from ..calib.stats import ChannelStats
 from ..calib.text import load_documents, sample_calibration
 from ..config import CMPQConfig, RTNConfig
@@ -89,9 +96,6 @@ def calibration_batch(tokenizer, model, config: CMPQConfig) -> torch.Tensor:
     return sample_calibration(
         documents, tokenizer, config.calib_samples, config.calib_seqlen, config.seed, bos
     )
-
-
-LayerRow = tuple[str, int, int]  # full linear name, weights, stored bits
 
 
 class BlockSink(Protocol):
@@ -322,9 +326,6 @@ class _Run:
                 with self._loaded(index) as block:
                     measure_one(index, block, self._given_stats(index))
         else:
-            start = self.workdir.walk("measure")
-            if start is None or not all(self.workdir.measured(i) for i in range(start.index)):
-                start = None
             walk_blocks(
                 self.model,
                 self._block_inputs(),
@@ -332,10 +333,7 @@ class _Run:
                 progress=self.progress,
                 gram=self.grams_on_disk,
                 loader=self.loader,
-                start=start,
-                after_block=lambda walk: self.workdir.save_walk(
-                    "measure", walk, final=walk.index == len(self.blocks)
-                ),
+                **self._walk_state("measure", self.workdir.measured),
                 desc="measure",
             )
         distortions = {}
@@ -360,16 +358,13 @@ class _Run:
         walk_again = self.config.error_feedback and not self.grams_on_disk and self.stats is None
         walk_again = walk_again or (not self.measures and self.stats is None)
         if not walk_again:
-            todo = [i for i in range(len(self.blocks)) if self.workdir.done(i) is None]
+            todo = [i for i in range(len(self.blocks)) if not self.workdir.is_done(i)]
             for index in tqdm(todo, desc="quantize", unit="block", disable=not self.progress):
                 with self._loaded(index) as block:
                     given = self._given_stats(index) if self.stats is not None else {}
                     self.quantize_block(index, block, given)
             return
-        start = self.workdir.walk("quantize")
-        if start is not None and not all(self.workdir.done(i) for i in range(start.index)):
-            start = None
-        if start is None and all(self.workdir.done(i) for i in range(len(self.blocks))):
+        if all(self.workdir.is_done(i) for i in range(len(self.blocks))):
             return
         walk_blocks(
             self.model,
@@ -379,12 +374,21 @@ class _Run:
             progress=self.progress,
             gram=self.config.error_feedback,
             loader=self.loader,
-            start=start,
-            after_block=lambda walk: self.workdir.save_walk(
-                "quantize", walk, final=walk.index == len(self.blocks)
-            ),
+            **self._walk_state("quantize", self.workdir.is_done),
             desc="quantize",
         )
+
+    def _walk_state(self, stage: str, finished) -> dict:
+        """Where a walk of ``stage`` resumes (``start``: ``None`` unless every block
+        before it is ``finished``) and how it saves itself after each block."""
+        start = self.workdir.walk(stage)
+        if start is not None and not all(finished(i) for i in range(start.index)):
+            start = None
+
+        def save(walk: BlockWalk) -> None:
+            self.workdir.save_walk(stage, walk, final=walk.index == len(self.blocks))
+
+        return {"start": start, "after_block": save}
 
     def quantize_block(self, index: int, block: nn.Module, measured: dict[str, ChannelStats]):
         """Quantize ``block``'s linears (``measured``: this pass's statistics, when it
@@ -441,11 +445,6 @@ def feedback_operators(
     computed once (on the executor, like the layers)."""
     if not config.error_feedback:
         return {}
-    if any(measured[name].gram is None for name in names):
-        raise CmpqError(
-            "error feedback needs statistics collected with gram=True "
-            "(cmpq.calib.looper.collect_stats(..., gram=True))"
-        )
     distinct = list({id(measured[n].gram): measured[n].gram for n in names}.values())
     computed = executor.map(
         lambda gram: feedback_operator(gram, config.damp), distinct, lambda g: g.shape[0]

@@ -111,9 +111,6 @@ class WorkDir:
         """The block's Gram matrices by linear name; linears fed one input share a tensor."""
         return _load(self._grams(index))
 
-    def has_grams(self, index: int) -> bool:
-        return self._grams(index).exists()
-
     def drop_grams(self, index: int) -> None:
         self._grams(index).unlink(missing_ok=True)
 
@@ -143,9 +140,6 @@ class WorkDir:
         record = _load(path)
         return BlockWalk(int(record["index"]), list(record["hidden"]))
 
-    def drop_walk(self, stage: str) -> None:
-        self._walk(stage).unlink(missing_ok=True)
-
     # pass 2: finished blocks ------------------------------------------------------------
     def _done(self, index: int) -> Path:
         return self.path / f"done-{index:05d}.pt"
@@ -154,6 +148,9 @@ class WorkDir:
         """Block ``index`` is quantized and written: its report rows and the channel
         statistics that drove it."""
         _atomic_save({"rows": rows, "statistics": statistics}, self._done(index))
+
+    def is_done(self, index: int) -> bool:
+        return self._done(index).exists()
 
     def done(self, index: int) -> tuple[list, dict[str, torch.Tensor]] | None:
         path = self._done(index)

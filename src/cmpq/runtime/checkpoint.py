@@ -157,7 +157,6 @@ class BlockFiles:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
-        self._where: dict[str, Path] = {}
 
     def file(self, index: int) -> Path:
         return self.directory / f"block-{index:05d}.safetensors"
