@@ -18,29 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from results import ResultsFile, commit_of
+from results import ResultsFile, commit_of, run_child
 
 DEMO_LABELS = ("full precision (fp32)", "RTN 3-bit g64", "CMPQ")
 
 
 def run(argv: list[str]) -> tuple[str, float, int]:
     """``cmpq argv``'s standard output, wall seconds and peak resident bytes."""
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "cmpq.cli", *argv], capture_output=True, text=True, check=False
-    )
-    seconds = time.perf_counter() - start
+    done = run_child([sys.executable, "-m", "cmpq.cli", *argv])
     if done.returncode != 0:
         raise SystemExit(f"cmpq {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return done.stdout, seconds, peak
+    return done.stdout, done.seconds, done.peak_rss_bytes
 
 
 def demo_rows(stdout: str) -> list[dict]:

@@ -98,6 +98,34 @@ def provenance() -> dict:
     }
 
 
+@dataclass
+class ChildRun:
+    """A finished child process: its output, wall seconds and its own peak RSS."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_bytes: int
+
+
+def run_child(argv: list[str], env: dict | None = None) -> ChildRun:
+    """Run ``argv``; its peak RSS is that child's own (``wait4``), not the largest of
+    every child so far as ``RUSAGE_CHILDREN`` reports."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return ChildRun(child.returncode, out.read(), err.read(), seconds, usage.ru_maxrss * 1024)
+
+
 def commit_of(row: dict) -> str:
     return row.get("commit") or UNRECORDED
 

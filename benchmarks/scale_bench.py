@@ -20,7 +20,7 @@ environment), time and peak RSS; the model already in the cache. Writes
 benchmarks/results/scale-smollm2-135m.{json,md,png}.
 
 Every run is a child process (``cmpq`` as a user runs it); its peak RSS is the
-child's ``ru_maxrss``.
+child's own ``ru_maxrss`` (``wait4``).
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from results import ROOT, ResultsFile, commit_of
+from results import ROOT, ResultsFile, commit_of, run_child
 
 WIDTH = {
     "hidden_size": 4096,
@@ -97,16 +95,11 @@ def run_cmpq(argv: list[str], env: dict | None = None) -> tuple[dict, float, int
     """``cmpq quantize argv --json ...`` in a child: its report, wall seconds, peak RSS."""
     with tempfile.TemporaryDirectory() as scratch:
         report_path = Path(scratch) / "report.json"
-        start = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-m", "cmpq.cli", "quantize", *argv, "--json", str(report_path)],
-            capture_output=True, text=True, check=False, env=env,
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
+        quantize = [sys.executable, "-m", "cmpq.cli", "quantize", *argv]
+        done = run_child([*quantize, "--json", str(report_path)], env)
         if done.returncode != 0:
             raise SystemExit(f"cmpq quantize {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        return json.loads(report_path.read_text()), seconds, peak
+        return json.loads(report_path.read_text()), done.seconds, done.peak_rss_bytes
 
 
 def output_bytes(path: Path) -> int:

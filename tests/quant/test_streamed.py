@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmpq.calib.looper import SpillFiles
 from cmpq.config import CMPQConfig
 from cmpq.errors import CmpqError
 from cmpq.format.shards import INDEX_FILE, weight_files
@@ -234,3 +235,28 @@ def test_hidden_states_in_bfloat16_give_about_the_same_model():
     assert (exact - rounded).norm() <= 0.1 * exact.norm()  # ... and the model barely moved
     with pytest.raises(CmpqError, match="`hidden_dtype` must be one of"):
         quantize(make_tiny_model("llama"), CONFIG, calibration=batch, hidden_dtype="int8")
+
+
+@pytest.mark.parametrize("config", [CONFIG, CMPQConfig(bits=3.3, kmeans_iters=5, sequential=True,
+                                                       allocation="paper")])  # fmt: skip
+def test_hidden_states_spilled_to_files_give_the_same_model(monkeypatch, config):
+    batch = tiny_batch(4, 24)
+    spilled_windows = []
+    original_windows = SpillFiles.windows
+
+    def windows(self, like, count, dtype):
+        made = original_windows(self, like, count, dtype)
+        spilled_windows.extend(made)
+        return made
+
+    monkeypatch.setattr(SpillFiles, "windows", windows)
+    states = []
+    for share in (0.25, 0.0):  # 0: the hidden states never fit in memory
+        monkeypatch.setattr(pipeline, "HIDDEN_MEMORY_SHARE", share)
+        model = make_tiny_model("llama")
+        quantize(model, config, calibration=batch, progress=False)
+        states.append(model.state_dict())
+        assert bool(spilled_windows) == (share == 0.0)
+    # every window lived in a file-backed mapping, one file per block's outputs
+    assert all(w.untyped_storage().filename for w in spilled_windows)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

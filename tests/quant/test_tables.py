@@ -4,6 +4,7 @@ import torch
 from cmpq.alloc.paper import paper_allocation
 from cmpq.format.cost import LayerShape, layer_cost, stored_bits
 from cmpq.format.layer import dequantize_layer, from_tensors, groups_of, to_tensors
+from cmpq.quant.pipeline import column_square_sums
 from cmpq.quant.tables import quantize_layer
 from cmpq.runtime.qlinear import QuantizedLinear
 
@@ -104,3 +105,10 @@ def test_quantized_linear_equals_dense_dequantized(bias):
     assert sum(t.numel() * t.element_size() for n, t in state.items() if n != "bias") * 8 == sum(
         stored_bits(module.stored_tensors()).values()
     )
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (33, 1030), (64, 2100)])
+def test_column_square_sums_in_blocks_equal_one_sum(shape):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    expected = weight.double().square().sum(0)
+    assert torch.equal(column_square_sums(weight), expected)

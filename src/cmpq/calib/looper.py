@@ -16,6 +16,7 @@ calibrated with one block's weights in memory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +52,34 @@ class InPlace:
         pass
 
 
+class SpillFiles:
+    """Hidden states in memory-mapped files under ``directory``, for calibrations
+    whose hidden states would not fit in memory: the operating system writes
+    their pages out to disk and reads them back as the walk touches them.
+
+    Each set of windows is one file, unlinked as soon as it is mapped (the
+    mapping keeps it; the disk space returns with the last window's reference).
+    """
+
+    def __init__(self, directory) -> None:
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files = 0
+
+    def windows(self, like: torch.Tensor, count: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """``count`` zeroed windows shaped like ``like``, in ``dtype``, in a new file."""
+        path = self.directory / f"hidden-{os.getpid()}-{self._files}.bin"
+        self._files += 1
+        flat = torch.from_file(str(path), shared=True, size=like.numel() * count, dtype=dtype)
+        try:
+            path.unlink()
+        except OSError:  # a system that cannot unlink a mapped file: removed with the directory
+            pass
+        return list(flat.view(count, *like.shape).unbind(0))
+
+
 @dataclass
 class BlockInputs:
     """Inputs of one block for every calibration window, plus each block's own
@@ -62,10 +91,13 @@ class BlockInputs:
 
 
 def capture_block_inputs(
-    model: nn.Module, batch: torch.Tensor, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    batch: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    spill: SpillFiles | None = None,
 ) -> BlockInputs:
-    """Hidden states entering block 0 for each window (held in ``dtype``), and every
-    block's keyword arguments.
+    """Hidden states entering block 0 for each window (held in ``dtype``, in
+    ``spill``'s files when given), and every block's keyword arguments.
 
     No block runs: for the first window every block is replaced by a recorder
     that returns its input unchanged (keyword arguments depend only on the window
@@ -75,13 +107,17 @@ def capture_block_inputs(
     """
     _, blocks = decoder_blocks(model)
     captured = BlockInputs(hidden=[], kwargs_by_block=[{} for _ in blocks])
-    first_window = True
+    first_window, window_index = True, 0
 
     def recorder(index: int):
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if index == 0:
+            if index == 0 and spill is None:
                 captured.hidden.append(hidden.detach().to(dtype))
+            elif index == 0:
+                if not captured.hidden:
+                    captured.hidden = spill.windows(hidden, len(batch), dtype)
+                captured.hidden[window_index].copy_(hidden.detach())
             if first_window:
                 captured.kwargs_by_block[index] = {
                     k: v for k, v in kwargs.items() if k != "hidden_states"
@@ -96,8 +132,8 @@ def capture_block_inputs(
         block.forward = recorder(index)  # an instance attribute shadows the class's forward
     try:
         with torch.inference_mode():
-            for index, window in enumerate(batch):
-                first_window = index == 0
+            for window_index, window in enumerate(batch):
+                first_window = window_index == 0
                 try:
                     model(window.unsqueeze(0), use_cache=False)
                 except _StopForward:
@@ -108,7 +144,18 @@ def capture_block_inputs(
     return captured
 
 
-WINDOWS_PER_FORWARD = 8  # calibration windows run through a block at once (one batch)
+WINDOWS_PER_FORWARD = 8  # calibration windows run through a block at once (one batch) at most
+# ... and fewer when one [tokens, widest linear input] float32 activation would exceed this
+WINDOW_BATCH_BYTES = 64 << 20
+
+
+def windows_per_forward(block: nn.Module, window_tokens: int) -> int:
+    """How many windows go through ``block`` at once: :data:`WINDOWS_PER_FORWARD`,
+    fewer for wide blocks, so a batch's activations stay within about
+    :data:`WINDOW_BATCH_BYTES` per tensor (an 8B-wide MLP at 512 tokens: 2)."""
+    widest = max((in_features(m) for m in block_linears(block).values()), default=1)
+    fitting = WINDOW_BATCH_BYTES // max(1, window_tokens * widest * 4)
+    return max(1, min(WINDOWS_PER_FORWARD, fitting))
 
 
 def block_device(block: nn.Module) -> torch.device:
@@ -134,42 +181,62 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return output[0] if isinstance(output, tuple) else output
 
 
-def window_batches(hidden: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The windows, :data:`WINDOWS_PER_FORWARD` at a time, as one batch each.
+def window_batches(hidden: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The windows, ``size`` at a time (:func:`windows_per_forward`), as one batch each.
 
     The windows share one length, so the keyword arguments recorded for one
     window (masks, rotary tables) broadcast over a batch; on two cores a batch
-    of 8 runs a block's matrix products faster than 8 single windows.
+    of 8 runs a small block's matrix products faster than 8 single windows.
     """
-    for start in range(0, len(hidden), WINDOWS_PER_FORWARD):
-        yield torch.cat(hidden[start : start + WINDOWS_PER_FORWARD])
+    for start in range(0, len(hidden), size):
+        yield torch.cat(hidden[start : start + size])
 
 
 def _block_outputs(
-    block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, before_batch: Callable
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    kwargs: dict,
+    before_batch: Callable,
+    spill: SpillFiles | None = None,
 ) -> list[torch.Tensor]:
-    """``block``'s output for every window, batched by :func:`window_batches`: computed
-    in float32 on the block's device, held like the inputs (their dtype, the CPU)."""
+    """``block``'s output for every window, batched by :func:`windows_per_forward`: computed
+    in float32 on the block's device, held like the inputs (their dtype, the CPU,
+    in ``spill``'s files when given)."""
     device = block_device(block)
     kwargs = on_device(kwargs, device)
-    outputs = []
-    for batch in window_batches(hidden):
+    dtype = hidden[0].dtype
+    outputs = [] if spill is None else spill.windows(hidden[0], len(hidden), dtype)
+    done = 0
+    size = windows_per_forward(block, hidden[0].shape[-2])
+    for batch in window_batches(hidden, size):
         before_batch()
         output = run_block(block, batch.to(device, torch.float32), kwargs)
-        outputs.extend(output.to("cpu", hidden[0].dtype).split(1))
+        if spill is None:
+            outputs.extend(output.to("cpu", dtype).split(1))
+        else:
+            for window in output.split(1):
+                outputs[done].copy_(window)
+                done += 1
     return outputs
 
 
-def run_windows(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """``block``'s output for every window, batched by :func:`window_batches`."""
+def run_windows(
+    block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, spill: SpillFiles | None = None
+) -> list[torch.Tensor]:
+    """``block``'s output for every window, batched by :func:`windows_per_forward`."""
     with torch.inference_mode():
-        return _block_outputs(block, hidden, kwargs, lambda: None)
+        return _block_outputs(block, hidden, kwargs, lambda: None, spill)
 
 
 def measure_block(
-    block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, gram: bool = False
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    kwargs: dict,
+    gram: bool = False,
+    spill: SpillFiles | None = None,
 ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
-    """Run ``block`` on every window, returning its linears' stats and its outputs.
+    """Run ``block`` on every window, returning its linears' stats and its outputs
+    (in ``spill``'s files when given).
 
     With ``gram`` each linear also accumulates its input Gram matrix. Linears fed
     the same tensor (q/k/v, gate/up) share one :class:`ChannelStats` object: its
@@ -195,7 +262,7 @@ def measure_block(
     handles = [m.register_forward_pre_hook(measurer(name)) for name, m in linears.items()]
     try:
         with torch.inference_mode():
-            outputs = _block_outputs(block, hidden, kwargs, batch_stats.clear)
+            outputs = _block_outputs(block, hidden, kwargs, batch_stats.clear, spill)
     finally:
         for handle in handles:
             handle.remove()
@@ -222,12 +289,14 @@ def walk_blocks(
     start: BlockWalk | None = None,
     after_block: Callable[[BlockWalk], None] | None = None,
     desc: str = "blocks",
+    spill: SpillFiles | None = None,
 ) -> None:
     """Calibrate block by block, calling ``process(index, block, stats)`` for each.
 
     ``loader`` puts each block's weights in place before it runs and releases them
     after; ``start`` resumes a walk (its inputs are those of block ``start.index``);
-    ``after_block`` sees where the walk stands after each block (to save it).
+    ``after_block`` sees where the walk stands after each block (to save it);
+    ``spill`` holds each block's outputs in memory-mapped files instead of memory.
     """
     loader = InPlace() if loader is None else loader
     _, blocks = decoder_blocks(model)
@@ -238,10 +307,10 @@ def walk_blocks(
             block = blocks[index]
             kwargs = inputs.kwargs_by_block[index]
             loader.load(index, block)
-            stats, outputs = measure_block(block, walk.hidden, kwargs, gram)
+            stats, outputs = measure_block(block, walk.hidden, kwargs, gram, spill)
             process(index, block, stats)
             if sequential:
-                outputs = run_windows(block, walk.hidden, kwargs)
+                outputs = run_windows(block, walk.hidden, kwargs, spill)
             loader.release(index, block)
             walk = BlockWalk(index + 1, outputs)
             if after_block is not None:

@@ -118,8 +118,9 @@ def token_gram(x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tenso
     """
     flat = x.detach().reshape(-1, x.shape[-1]).float()
     channels = flat.shape[1]
-    gram = torch.zeros(channels, channels, dtype=torch.float64, device=flat.device)
-    gram = gram if into is None else into
+    if into is None:
+        into = torch.zeros(channels, channels, dtype=torch.float64, device=flat.device)
+    gram = into
     for start in range(0, channels, GRAM_CHUNK):
         stop = min(start + GRAM_CHUNK, channels)
         tile = flat[:, start:stop].t() @ flat[:, start:]

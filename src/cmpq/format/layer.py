@@ -72,10 +72,11 @@ def group_dequantize(codes: torch.Tensor, table: torch.Tensor, layout: str) -> t
 def assemble(shape, perm, offsets, codes, luts, layout) -> torch.Tensor:
     """The ``[out, in]`` float32 weight the tables give, in the original column
     order (outliers not applied)."""
-    permuted = torch.empty(shape, dtype=torch.float32)
+    device = codes[0].device if codes else None
+    permuted = torch.empty(shape, dtype=torch.float32, device=device)
     for g, (code, table) in enumerate(zip(codes, luts, strict=True)):
         permuted[:, offsets[g] : offsets[g + 1]] = group_dequantize(code, table, layout)
-    weight = torch.empty(shape, dtype=torch.float32)
+    weight = torch.empty(shape, dtype=torch.float32, device=device)
     weight[:, perm] = permuted
     return weight
 

@@ -18,6 +18,8 @@ from ..errors import CmpqError
 
 
 class Executor(Protocol):
+    same_machine: bool  # tasks run on this machine (and can read its files)
+
     def map(self, function: Callable, items: Sequence, cost: Callable | None = None) -> list:
         """``[function(item) for item in items]``; ``cost`` ranks the items, costliest
         first, where the executor schedules them."""
@@ -33,6 +35,8 @@ class ThreadExecutor:
     the GIL inside them, so whole linears run side by side instead. The results
     are those of a serial run with one torch thread, whatever the number of workers.
     """
+
+    same_machine = True
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
@@ -75,6 +79,8 @@ class RayExecutor:
     one torch thread (one CPU per task), and returns its result. The results are
     a serial run's, byte for byte: every task computes what a thread would.
     """
+
+    same_machine = False  # a cluster's nodes need not share this machine's disk
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
         try:

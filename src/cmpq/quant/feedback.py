@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -36,9 +37,10 @@ from .tables import fit_tables
 DAMPING_STEPS = 6  # the damping is raised tenfold up to this many times
 
 
-def inverse_hessian_factor(
-    gram: torch.Tensor, damp: float = 0.01, own: bool = False
-) -> tuple[torch.Tensor, float]:
+GramSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def inverse_hessian_factor(gram: GramSource, damp: float = 0.01) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` (float32), GPTQ's update operator,
     and the damping it took.
 
@@ -48,42 +50,52 @@ def inverse_hessian_factor(
     tokens, or rounding) the damping is raised tenfold until the factorization
     succeeds. If it never does (non-finite entries), the identity is returned
     with damping ``inf``: every column is then rounded on its own, no feedback.
-    With ``own`` (a float64 ``gram`` the caller gives up) it is damped in place;
-    at most two more ``[in, in]`` float64 matrices live at once.
+
+    ``gram`` is the matrix, or a callable that builds a new copy of it for this
+    function to overwrite (once per attempt). The factorization, inverse and
+    second factorization all happen in that one float64 matrix, so at most one
+    ``[in, in]`` float64 matrix lives here at a time (plus ``gram`` itself when
+    it is a tensor, copied for each attempt).
     """
-    hessian = gram if own and gram.dtype == torch.float64 else gram.double().clone()
-    diagonal = hessian.diagonal()
-    diagonal[diagonal <= 0] = 1.0
-    mean = diagonal.mean().item()
-    undamped = diagonal.clone()
+    fresh = gram if callable(gram) else (lambda: gram.to(torch.float64, copy=True))
+    size, device = None, None
     for attempt in range(DAMPING_STEPS):
+        hessian = fresh().to(torch.float64)
+        size, device = hessian.shape[0], hessian.device
+        diagonal = hessian.diagonal()
+        diagonal[diagonal <= 0] = 1.0
         used = damp * 10**attempt
-        torch.add(undamped, used * mean, out=diagonal)
-        factor, info = torch.linalg.cholesky_ex(hessian)
+        diagonal += used * diagonal.mean().item()
+        info = torch.zeros((), dtype=torch.int32, device=device)
+        torch.linalg.cholesky_ex(hessian, out=(hessian, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and bool(torch.isfinite(upper).all()):
-                return upper.float(), used
-    return torch.eye(gram.shape[0], device=gram.device), math.inf
+            torch.cholesky_inverse(hessian, out=hessian)
+            torch.linalg.cholesky_ex(hessian, upper=True, out=(hessian, info))
+            if info == 0 and bool(torch.isfinite(hessian).all()):
+                return hessian.float(), used
+        del hessian, diagonal
+    return torch.eye(size, device=device), math.inf
 
 
 FeedbackOperator = tuple[torch.Tensor, torch.Tensor, float]
 
 
 def feedback_operator(
-    gram: torch.Tensor, damp: float = 0.01, visit: torch.Tensor | None = None
+    gram: GramSource, damp: float = 0.01, visit: torch.Tensor | None = None
 ) -> FeedbackOperator:
     """``(visit, factor, used)``: the order the columns are quantized in (``visit``,
     by default GPTQ's act-order, the loudest input channels first), the
     :func:`inverse_hessian_factor` of the Gram matrix in that order, and the
-    damping it took."""
+    damping it took.
+
+    ``gram`` may be a callable that loads the matrix (from disk, memory-mapped):
+    it is then called for each copy needed and not held in between.
+    """
+    load = gram if callable(gram) else (lambda: gram)
     if visit is None:
-        visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
+        visit = torch.argsort(load().diagonal(), descending=True, stable=True)
     visit = visit.cpu()
-    factor, used = inverse_hessian_factor(gram[visit[:, None], visit], damp, own=True)
+    factor, used = inverse_hessian_factor(lambda: load()[visit[:, None], visit], damp)
     return visit, factor, used
 
 

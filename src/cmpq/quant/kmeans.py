@@ -310,7 +310,7 @@ def weighted_kmeans_1d_each(
     return [_fit(v, w, runs, k, iters, tol, init, seed, refine) for k in ks]
 
 
-CHUNK_VALUES = 1 << 22  # values per chunk of rows: the fits' temporaries take ~100 bytes each
+CHUNK_VALUES = 1 << 20  # values per chunk of rows: the fits' temporaries take ~100 bytes each
 
 
 def row_chunks(rows: int, columns: int) -> list[slice]:

@@ -15,13 +15,15 @@ import torch
 from ..format.layer import assemble
 
 
-def top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the ``count`` largest scores outside ``exclude``."""
-    mask = torch.zeros(exclude.shape, dtype=torch.bool, device=exclude.device)  # contiguous
+def top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest scores outside ``exclude`` (``None``:
+    none excluded); ``score``, a temporary of the caller's, is overwritten."""
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)  # contiguous
     if count <= 0:
         return mask
-    score = score.masked_fill(exclude, float("-inf")).flatten()
-    mask.view(-1)[torch.topk(score, count).indices] = True
+    if exclude is not None:
+        score.masked_fill_(exclude, float("-inf"))
+    mask.view(-1)[torch.topk(score.flatten(), count).indices] = True
     return mask
 
 
@@ -32,8 +34,7 @@ def activation_scale(energy: torch.Tensor) -> torch.Tensor:
 
 def activation_outliers(weight: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
     """O_act: the ``count`` entries with the largest ``|W_ij| * s_j``."""
-    nothing = torch.zeros_like(weight, dtype=torch.bool)
-    return top_entries(weight.abs() * scale, count, nothing)
+    return top_entries(weight.abs().mul_(scale), count, None)
 
 
 def add_error_outliers(
@@ -42,5 +43,5 @@ def add_error_outliers(
     """``mask`` plus the ``count`` entries outside it that the fit rounds worst, by
     activation-weighted error; ``fitted`` is ``(luts, codes, perm, offsets, layout)``."""
     luts, codes, perm, offsets, layout = fitted
-    error = (weight - assemble(weight.shape, perm, offsets, codes, luts, layout)).abs()
-    return mask | top_entries(error * scale, count, mask)
+    error = assemble(weight.shape, perm, offsets, codes, luts, layout).sub_(weight).abs_()
+    return mask | top_entries(error.mul_(scale), count, mask)

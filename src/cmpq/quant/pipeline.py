@@ -28,6 +28,7 @@ from ..calib.looper import (
     BlockLoader,
     BlockWalk,
     InPlace,
+    SpillFiles,
     capture_block_inputs,
     walk_blocks,
 )
@@ -37,7 +38,7 @@ from ..config import CMPQConfig, RTNConfig
 from ..errors import CmpqError
 from ..format.cost import LayerShape, stored_bits
 from ..format.layer import LUTLayer
-from ..memory import peak_rss_bytes, return_freed_memory
+from ..memory import available_memory_bytes, peak_rss_bytes, return_freed_memory
 from ..models.conventions import needs_bos
 from ..models.devices import ToDevice, resolve_device
 from ..models.graph import (
@@ -51,7 +52,7 @@ from ..models.graph import (
 )
 from ..runtime.qlinear import QuantizedLinear
 from .executor import Executor, ThreadExecutor
-from .feedback import FeedbackOperator, feedback_operator, quantize_layer_feedback
+from .feedback import FeedbackOperator, GramSource, feedback_operator, quantize_layer_feedback
 from .outliers import activation_outliers, activation_scale
 from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
@@ -168,6 +169,9 @@ def gram_bytes(shapes: dict[str, LayerShape]) -> int:
 
 
 GRAM_DISK_SHARE = 0.5  # Gram matrices are kept on disk when they take at most this much of it
+# the hidden states go to memory-mapped files when a block's inputs and outputs together
+# would take more than this share of the memory available when the run starts
+HIDDEN_MEMORY_SHARE = 0.25
 
 
 def quantize_cmpq(
@@ -201,7 +205,9 @@ def quantize_cmpq(
     each pass finished (default: a temporary directory, removed at the end; a
     resumable one lets an interrupted run continue from its last finished block);
     ``hidden_dtype`` holds the calibration hidden states between blocks (float32:
-    exact; bfloat16 halves their memory, every block still computes in float32).
+    exact; bfloat16 halves their memory, every block still computes in float32);
+    when they would take more than :data:`HIDDEN_MEMORY_SHARE` of the available
+    memory they are kept in memory-mapped files in ``workdir`` instead.
     """
     start = time.perf_counter()
     owned = workdir is None
@@ -269,6 +275,19 @@ class _Run:
             and gram_bytes(self.shapes) <= GRAM_DISK_SHARE * self.workdir.free_bytes()
         )
         self.inputs: BlockInputs | None = None
+        self.spill = self._spill_files()
+
+    def _spill_files(self) -> SpillFiles | None:
+        """Files for the hidden states, when a block's inputs and outputs would take
+        more than :data:`HIDDEN_MEMORY_SHARE` of the memory available now."""
+        if self.calibration is None:
+            return None
+        windows, seqlen = self.calibration.shape
+        width = self.model.get_input_embeddings().embedding_dim
+        walk_bytes = 2 * windows * seqlen * width * self.hidden_dtype.itemsize
+        if walk_bytes <= HIDDEN_MEMORY_SHARE * available_memory_bytes():
+            return None
+        return SpillFiles(self.workdir.path / "hidden")
 
     def _check_stats(self) -> None:
         if self.stats is None:
@@ -289,7 +308,9 @@ class _Run:
 
     def _block_inputs(self) -> BlockInputs:
         if self.inputs is None:
-            self.inputs = capture_block_inputs(self.model, self.calibration, self.hidden_dtype)
+            self.inputs = capture_block_inputs(
+                self.model, self.calibration, self.hidden_dtype, self.spill
+            )
         return self.inputs
 
     def quantize(self) -> QuantizationReport:
@@ -316,8 +337,13 @@ class _Run:
         work directory; returns the distortions by full linear name."""
 
         def measure_one(index: int, block: nn.Module, measured: dict[str, ChannelStats]) -> None:
+            if self.grams_on_disk:  # to disk first: not in memory beside the fits below
+                self.workdir.save_grams(index, measured)
+                for stats in measured.values():
+                    stats.gram = None
             distortions = block_distortions(block, measured, self.config, self.executor)
-            self.workdir.save_measurement(index, measured, distortions, self.grams_on_disk)
+            return_freed_memory()  # the fits' temporaries, freed on the worker threads
+            self.workdir.save_measurement(index, measured, distortions)
 
         if self.stats is not None:
             for index in tqdm(
@@ -335,6 +361,7 @@ class _Run:
                 loader=self.loader,
                 **self._walk_state("measure", self.workdir.measured),
                 desc="measure",
+                spill=self.spill,
             )
         distortions = {}
         for index in range(len(self.blocks)):
@@ -376,6 +403,7 @@ class _Run:
             loader=self.loader,
             **self._walk_state("quantize", self.workdir.is_done),
             desc="quantize",
+            spill=self.spill,
         )
 
     def _walk_state(self, stage: str, finished) -> dict:
@@ -394,23 +422,21 @@ class _Run:
         """Quantize ``block``'s linears (``measured``: this pass's statistics, when it
         measured them), hand the block to the sink and record it as done."""
         names = list(block_linears(block))
+        walked = measured  # this walk's statistics (empty when it did not measure)
+        grams = {n: measured[n].gram if n in measured else None for n in names}
         if self.measures and self.stats is None:  # the statistics the plan was made from
-            recorded, _ = self.workdir.measurement(index)
-            if self.grams_on_disk:
-                grams = self.workdir.grams(index)
-            else:
-                grams = {n: measured[n].gram if n in measured else None for n in names}
-            measured = {n: dataclasses.replace(recorded[n], gram=grams[n]) for n in names}
+            measured, _ = self.workdir.measurement(index)
+            if self.grams_on_disk:  # loaded when its operator is computed, memory-mapped
+                grams = self.workdir.gram_loaders(index, local=self.executor.same_machine)
         full = f"{self.prefix}.{index}"
         statistics = {n: measured[n].statistic(self.config.statistic).cpu() for n in names}
-        operators = feedback_operators(names, measured, self.config, self.executor)
         energies = {n: measured[n].energy() for n in names}
-        if self.stats is None:  # the Gram matrices are ours and done with: free them
-            for stats in measured.values():
-                stats.gram = None
         del measured
+        if self.stats is None:  # the walk's Gram matrices are ours: only `grams` holds them now
+            for stats in walked.values():
+                stats.gram = None
         plan = (self.allocation, self.config, self.executor)
-        layers = quantize_block_linears(block, full, energies, statistics, operators, *plan)
+        layers = quantize_block_linears(block, full, energies, statistics, grams, *plan)
         rows = []
         for name, layer in zip(names, layers, strict=True):
             module = block.get_submodule(name)
@@ -437,42 +463,34 @@ def on_cpu(layer: LUTLayer) -> LUTLayer:
     return dataclasses.replace(layer, **fields)
 
 
-def feedback_operators(
-    names: list[str], measured: dict[str, ChannelStats], config: CMPQConfig, executor: Executor
-) -> dict[str, FeedbackOperator]:
-    """Each linear's error-feedback operator, by name (empty without error feedback).
-    Linears fed one input share its Gram matrix, and with it their operator,
-    computed once (on the executor, like the layers)."""
-    if not config.error_feedback:
-        return {}
-    distinct = list({id(measured[n].gram): measured[n].gram for n in names}.values())
-    computed = executor.map(
-        lambda gram: feedback_operator(gram, config.damp), distinct, lambda g: g.shape[0]
-    )
-    by_gram = {id(g): op for g, op in zip(distinct, computed, strict=True)}
-    return {name: by_gram[id(measured[name].gram)] for name in names}
-
-
 def quantize_block_linears(
     block: nn.Module,
     full: str,
     energies: dict[str, torch.Tensor],
     statistics: dict[str, torch.Tensor],
-    operators: dict[str, FeedbackOperator],
+    grams: dict[str, GramSource | None],
     allocation: Allocation,
     config: CMPQConfig,
     executor: Executor,
 ) -> list:
     """The :class:`~cmpq.format.layer.LUTLayer` of each of ``block``'s linears, in order:
     widths from ``allocation`` (and each channel's ``statistics``), outliers ranked by
-    ``energies`` (mean x² per channel), errors fed forward through ``operators``
-    (:func:`feedback_operators`) with error feedback on."""
-    linears = list(block_linears(block).items())
+    ``energies`` (mean x² per channel), errors fed forward (with error feedback on)
+    through the operator of each linear's Gram matrix in ``grams``.
+
+    Linears fed one input share one Gram object (a tensor, or a
+    :class:`~.workdir.StoredGram` read only while its operator is computed) and
+    make one task: their operator is computed once, then each is quantized with
+    it. The tasks run side by side on the executor, the costliest first, so a
+    wide input's long factorization (an 8B MLP's 14336-wide XᵀX) overlaps the
+    other linears' work. ``grams`` is emptied: each task lets go of its matrix
+    once the operator is made.
+    """
+    linears = block_linears(block)
     act_fraction = min(config.outliers_act, allocation.outlier_fraction)
 
-    def quantize_linear(item) -> LUTLayer:
-        name, module = item
-        weight = weight_matrix(module)
+    def quantize_linear(name: str, operator: FeedbackOperator | None) -> LUTLayer:
+        weight = weight_matrix(linears[name])
         out_features, in_features = weight.shape
         bits = allocation.widths_of(f"{full}.{name}", statistics[name], config.mixed)
         total = outlier_count(out_features, in_features, allocation.outlier_fraction)
@@ -485,20 +503,39 @@ def quantize_block_linears(
             "seed": config.seed,
         }
         energy = energies[name]
-        if not config.error_feedback:
+        if operator is None:
             return quantize_layer(weight, bits, energy, **options)
+        label = f"{full}.{name}"
         return quantize_layer_feedback(
-            weight,
-            bits,
-            energy,
-            None,
-            damp=config.damp,
-            label=f"{full}.{name}",
-            operator=operators[name],
-            **options,
+            weight, bits, energy, None, damp=config.damp, label=label, operator=operator, **options
         )
 
-    return executor.map(quantize_linear, linears, cost=lambda item: weight_matrix(item[1]).numel())
+    def quantize_group(group: tuple[list[str], list]) -> list[LUTLayer]:
+        names, holder = group
+        operator = None
+        if config.error_feedback:
+            operator = feedback_operator(holder.pop(), config.damp)  # the matrix goes here
+        return [quantize_linear(name, operator) for name in names]
+
+    members: dict[int, list[str]] = {}
+    held: dict[int, list] = {}
+    for name in linears:
+        key = id(grams[name]) if config.error_feedback else id(name)
+        members.setdefault(key, []).append(name)
+        held.setdefault(key, [grams[name]])
+    grams.clear()
+    groups = [(members[key], held[key]) for key in members]
+
+    def cost(group) -> float:  # factorization ~ in³, the fits ~ weights x in
+        names, _ = group
+        width = weight_matrix(linears[names[0]]).shape[1]
+        weights = sum(weight_matrix(linears[n]).numel() for n in names)
+        return (width**3 if config.error_feedback else 0) + 2000 * weights
+
+    done = executor.map(quantize_group, groups, cost)
+    by_name = {n: layer for (names, _), layers in zip(groups, done, strict=True)
+               for n, layer in zip(names, layers, strict=True)}  # fmt: skip
+    return [by_name[name] for name in linears]
 
 
 def block_distortions(
@@ -520,12 +557,24 @@ def block_distortions(
         distortion = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
         # relative to the layer's output energy, so a layer with loud activations does not
         # outbid the rest (summed as absolute output MSE, rd measured 4x worse than paper)
-        output_energy = (energy.double() * weight.double().square().sum(0)).sum()
+        output_energy = (energy.double() * column_square_sums(weight)).sum()
         return distortion / output_energy.clamp_min(1e-30)
 
     linears = list(block_linears(block).items())
     found = executor.map(distortion_of, linears, lambda item: weight_matrix(item[1]).numel())
     return {name: d for (name, _), d in zip(linears, found, strict=True)}
+
+
+SQUARE_SUM_COLUMNS = 1024  # a multiple of the vector width: the same sums as all at once
+
+
+def column_square_sums(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.double().square().sum(0)``, a block of columns at a time (no float64
+    copy of the whole weight; the same bits, tested)."""
+    starts = range(0, weight.shape[1], SQUARE_SUM_COLUMNS)
+    return torch.cat(
+        [weight[:, s : s + SQUARE_SUM_COLUMNS].double().square().sum(0) for s in starts]
+    )
 
 
 def round_unquantized_to_fp16(model: nn.Module) -> None:

@@ -148,10 +148,10 @@ def column_distortions(
     ``keep=False`` (outliers) count nothing. The rate-distortion allocation
     (:mod:`cmpq.alloc.rd`) chooses widths from these.
     """
-    values, mask = weight.float().t(), keep.t().float()
+    values, mask = weight.float().t(), keep.t()
     chunks = []
     for rows in row_chunks(*values.shape):  # a chunk of columns at a time: bounded memory
-        part, part_mask = values[rows], mask[rows]
+        part, part_mask = values[rows], mask[rows].float()
         fits = weighted_kmeans_1d_each(
             part, part_mask, [2**bits for bits in widths], iters=iters, seed=seed, refine=False
         )

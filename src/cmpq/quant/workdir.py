@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +35,22 @@ def _atomic_save(value, path: Path) -> None:
     os.replace(partial, path)
 
 
-def _load(path: Path):
-    return torch.load(path, weights_only=True)
+def _load(path: Path, mmap: bool = False):
+    return torch.load(path, weights_only=True, mmap=mmap)
+
+
+@dataclass(frozen=True)
+class StoredGram:
+    """One Gram matrix in a block's file of them: calling it maps the file and
+    returns the matrix (read from disk as it is used, released with the last
+    reference), so a matrix is in memory only while its operator is computed."""
+
+    path: Path
+    name: str
+    size: int  # input channels
+
+    def __call__(self) -> torch.Tensor:
+        return _load(self.path, mmap=True)[self.name]
 
 
 class WorkDir:
@@ -82,17 +97,14 @@ class WorkDir:
     def _grams(self, index: int) -> Path:
         return self.path / f"grams-{index:05d}.pt"
 
+    def save_grams(self, index: int, stats: dict[str, ChannelStats]) -> None:
+        """One block's Gram matrices by linear name (shared ones stored once)."""
+        _atomic_save({name: s.gram for name, s in stats.items()}, self._grams(index))
+
     def save_measurement(
-        self,
-        index: int,
-        stats: dict[str, ChannelStats],
-        distortions: dict[str, torch.Tensor],
-        keep_grams: bool,
+        self, index: int, stats: dict[str, ChannelStats], distortions: dict[str, torch.Tensor]
     ) -> None:
-        """One block's statistics and distortions (by name in the block); with
-        ``keep_grams`` its Gram matrices too (shared ones stored once)."""
-        if keep_grams:
-            _atomic_save({name: s.gram for name, s in stats.items()}, self._grams(index))
+        """One block's statistics and distortions, by name in the block: it is measured."""
         record = {
             "stats": {name: s.as_tensors() for name, s in stats.items()},
             "distortions": distortions,
@@ -107,9 +119,17 @@ class WorkDir:
     def measured(self, index: int) -> bool:
         return self._measured(index).exists()
 
-    def grams(self, index: int) -> dict[str, torch.Tensor]:
-        """The block's Gram matrices by linear name; linears fed one input share a tensor."""
-        return _load(self._grams(index))
+    def gram_loaders(self, index: int, local: bool = True) -> dict:
+        """The block's Gram matrices by linear name, as :class:`StoredGram` loaders
+        (``local``: the work runs on this machine and reads the file itself) or
+        as tensors. Linears fed one input share one object."""
+        path = self._grams(index)
+        grams = _load(path, mmap=True)  # memory-mapped: nothing read yet
+        sources = {}
+        for name, gram in grams.items():
+            if id(gram) not in sources:
+                sources[id(gram)] = StoredGram(path, name, gram.shape[0]) if local else gram.clone()
+        return {name: sources[id(gram)] for name, gram in grams.items()}
 
     def drop_grams(self, index: int) -> None:
         self._grams(index).unlink(missing_ok=True)
@@ -137,7 +157,7 @@ class WorkDir:
         path = self._walk(stage)
         if not (self.resumable and path.exists()):
             return None
-        record = _load(path)
+        record = _load(path, mmap=True)  # read as the walk goes, like spilled states
         return BlockWalk(int(record["index"]), list(record["hidden"]))
 
     # pass 2: finished blocks ------------------------------------------------------------
