@@ -2,6 +2,8 @@
 
     python benchmarks/command_bench.py demo [--model smollm2-135m]
     python benchmarks/command_bench.py quantize [--model smollm2-135m] [--bits 4.5]
+    python benchmarks/command_bench.py calibration [--model smollm2-135m] [--bits 2.5]
+        [--samples 16 32 64 128]
 
 Each runs the ``cmpq`` command in a child process (the model already in the
 cache: download and conversion are not timed), with torch at its default thread
@@ -11,7 +13,12 @@ demo's table (full precision, RTN 3-bit g64, CMPQ at its default 2.5 bits on
 WikiText-2 40 x 512). ``quantize`` writes
 benchmarks/results/quantize-time-<model>-<bits>.{json,md}: the quantization
 report (total bits, the break-down, the quantization seconds) of
-``cmpq quantize MODEL --bits B`` with every default on.
+``cmpq quantize MODEL --bits B`` with every default on. ``calibration``
+writes benchmarks/results/calibration-<model>.{json,md,png}: for each number of
+calibration windows (512 tokens each), ``cmpq quantize MODEL --bits B
+--calib-samples N`` (time, peak RSS) and the perplexity of its output
+(``cmpq eval``, WikiText-2 40 x 512, as the demo measures): what a shorter
+calibration saves in time and costs in perplexity.
 """
 
 from __future__ import annotations
@@ -101,16 +108,93 @@ def bench_quantize(model: str, bits: float) -> None:
     print("\n".join(lines))
 
 
+def bench_calibration(model: str, bits: float, samples: list[int]) -> None:
+    listed = " ".join(map(str, samples))
+    command = (
+        f"python benchmarks/command_bench.py calibration --model {model} --bits {bits:g} "
+        f"--samples {listed}"
+    )
+    results = ResultsFile.open(f"calibration-{model}", command)
+    for count in samples:
+        with tempfile.TemporaryDirectory() as scratch:
+            report_path, eval_path = Path(scratch) / "report.json", Path(scratch) / "eval.json"
+            out = f"{scratch}/q"
+            argv = ["quantize", model, "--bits", f"{bits:g}", "--calib-samples", str(count)]
+            _, seconds, peak = run([*argv, "--out", out, "--json", str(report_path)])
+            run(["eval", out, "--windows", "40", "--seqlen", "512", "--json", str(eval_path)])
+            report = json.loads(report_path.read_text())
+            evaluation = json.loads(eval_path.read_text())
+        row = ResultsFile.stamp(
+            {
+                "model": model,
+                "bits": bits,
+                "calib_samples": count,
+                "quantize_seconds": report["seconds"],
+                "wall_seconds": seconds,
+                "peak_rss_bytes": peak,
+                "effective_bits": report["effective_bits"],
+                "ppl": evaluation["ppl"],
+            },
+            report["config"],
+        )
+        results.rows = [
+            r for r in results.rows if (r["bits"], r["calib_samples"]) != (bits, count)
+        ] + [row]
+        write_calibration(results, model)
+
+
+def write_calibration(results: ResultsFile, model: str) -> None:
+    rows = sorted(results.rows, key=lambda r: (r["bits"], r["calib_samples"]))
+    lines = [
+        f"`cmpq quantize {model} --bits B --calib-samples N` (512 tokens per window, every "
+        "other default), then `cmpq eval` of the output on WikiText-2, 40 x 512 tokens.",
+        "",
+        "| bits | calibration windows | commit | quantize | peak RSS | bits/weight | perplexity |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {r['bits']:g} | {r['calib_samples']} | {commit_of(r)} | "
+          f"{r['quantize_seconds']:.0f} s | {r['peak_rss_bytes'] / 1e9:.2f} GB | "
+          f"{r['effective_bits']:.3f} | {r['ppl']:.2f} |" for r in rows),
+    ]  # fmt: skip
+
+    def plot(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for bits in sorted({r["bits"] for r in rows}):
+            chosen = [r for r in rows if r["bits"] == bits]
+            ax.plot([r["quantize_seconds"] for r in chosen], [r["ppl"] for r in chosen], "o-",
+                    label=f"{bits:g} bits")  # fmt: skip
+            for r in chosen:
+                ax.annotate(str(r["calib_samples"]), (r["quantize_seconds"], r["ppl"]))
+        ax.set(xlabel="quantize seconds (2 CPU cores)", ylabel="WikiText-2 perplexity",
+               title=f"{model}: calibration windows vs time and quality")  # fmt: skip
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    results.write(lines, plot)
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["demo", "quantize"])
+    parser.add_argument("command", choices=["demo", "quantize", "calibration"])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--bits", type=float, default=4.5, help="quantize: total bits (4.5)")
+    parser.add_argument(
+        "--bits", type=float, help="total bits (quantize: 4.5, calibration: 2.5, the demo's)"
+    )
+    parser.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64, 128])
     args = parser.parse_args()
     if args.command == "demo":
         bench_demo(args.model)
+    elif args.command == "quantize":
+        bench_quantize(args.model, 4.5 if args.bits is None else args.bits)
     else:
-        bench_quantize(args.model, args.bits)
+        bench_calibration(args.model, 2.5 if args.bits is None else args.bits, args.samples)
 
 
 if __name__ == "__main__":

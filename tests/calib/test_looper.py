@@ -88,3 +88,19 @@ def test_sequential_calibration_changes_later_blocks_only():
     later = [n for n in results[False] if ".1." in n]
     assert all(torch.equal(results[False][n], results[True][n]) for n in first_block)
     assert any(not torch.equal(results[False][n], results[True][n]) for n in later)
+
+
+def test_wide_blocks_run_fewer_windows_per_forward():
+    wide = torch.nn.ModuleDict({"mlp": torch.nn.ModuleDict({"down_proj": torch.nn.Linear(14336, 8)})})
+    narrow = make_tiny_model("llama").model.layers[0]
+    assert looper.windows_per_forward(narrow, 512) == looper.WINDOWS_PER_FORWARD == 8
+    # one [512, 14336] float32 activation is 29 MB: two fit in 64 MB
+    assert looper.windows_per_forward(wide, 512) == 2
+    assert looper.windows_per_forward(wide, 4096) == 1  # never fewer than one
+
+
+def test_token_gram_adds_into_a_given_accumulator():
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(2))
+    into = torch.ones(5, 5, dtype=torch.float64)
+    assert token_gram(x, into=into) is into
+    torch.testing.assert_close(into, 1 + x.double().t() @ x.double(), rtol=1e-6, atol=1e-6)
