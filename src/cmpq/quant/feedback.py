@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -37,10 +38,22 @@ from .tables import fit_tables
 DAMPING_STEPS = 6  # the damping is raised tenfold up to this many times
 
 
-GramSource = torch.Tensor | Callable[[], torch.Tensor]
+class StoredMatrix(Protocol):
+    """A Gram matrix kept elsewhere (:class:`cmpq.quant.workdir.StoredGram`)."""
+
+    def diagonal(self) -> torch.Tensor: ...
+
+    def permuted(self, order: torch.Tensor) -> torch.Tensor:
+        """A new float64 copy with rows and columns in ``order``."""
+        ...
 
 
-def inverse_hessian_factor(gram: GramSource, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+GramSource = torch.Tensor | StoredMatrix
+
+
+def inverse_hessian_factor(
+    gram: torch.Tensor | Callable[[], torch.Tensor], damp: float = 0.01
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` (float32), GPTQ's update operator,
     and the damping it took.
 
@@ -88,14 +101,18 @@ def feedback_operator(
     :func:`inverse_hessian_factor` of the Gram matrix in that order, and the
     damping it took.
 
-    ``gram`` may be a callable that loads the matrix (from disk, memory-mapped):
-    it is then called for each copy needed and not held in between.
+    ``gram`` may be stored instead (:class:`~cmpq.quant.workdir.StoredGram`:
+    ``diagonal()`` and ``permuted(order)``): each copy needed is read from disk,
+    and nothing is held in between.
     """
-    load = gram if callable(gram) else (lambda: gram)
     if visit is None:
-        visit = torch.argsort(load().diagonal(), descending=True, stable=True)
+        visit = torch.argsort(gram.diagonal(), descending=True, stable=True)
     visit = visit.cpu()
-    factor, used = inverse_hessian_factor(lambda: load()[visit[:, None], visit], damp)
+    if isinstance(gram, torch.Tensor):
+        permuted = lambda: gram[visit[:, None], visit]  # noqa: E731
+    else:
+        permuted = lambda: gram.permuted(visit)  # noqa: E731
+    factor, used = inverse_hessian_factor(permuted, damp)
     return visit, factor, used
 
 

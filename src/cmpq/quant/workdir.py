@@ -39,18 +39,47 @@ def _load(path: Path, mmap: bool = False):
     return torch.load(path, weights_only=True, mmap=mmap)
 
 
+GRAM_ROWS_PER_WRITE = 256  # rows of a Gram matrix copied to the CPU and written at once
+
+
 @dataclass(frozen=True)
 class StoredGram:
-    """One Gram matrix in a block's file of them: calling it maps the file and
-    returns the matrix (read from disk as it is used, released with the last
-    reference), so a matrix is in memory only while its operator is computed."""
+    """One float64 Gram matrix stored row-major in a file of a block's matrices
+    (at byte ``offset``), read a row at a time: only the copy being built is
+    in memory (a memory map would keep every page read counted as resident)."""
 
     path: Path
-    name: str
+    offset: int
     size: int  # input channels
+    device: str  # where the matrix is built (where it was measured)
 
-    def __call__(self) -> torch.Tensor:
-        return _load(self.path, mmap=True)[self.name]
+    def _rows(self, order: torch.Tensor):
+        """``(position, row)`` for each row index in ``order``, read from the file."""
+        row = torch.empty(self.size, dtype=torch.float64)
+        view = memoryview(row.numpy()).cast("B")
+        with open(self.path, "rb", buffering=0) as file:
+            for position, index in enumerate(order.tolist()):
+                file.seek(self.offset + index * self.size * 8)
+                file.readinto(view)
+                yield position, row
+
+    def diagonal(self) -> torch.Tensor:
+        everything = torch.arange(self.size)
+        diagonal = torch.empty(self.size, dtype=torch.float64)
+        for position, row in self._rows(everything):
+            diagonal[position] = row[position]
+        return diagonal.to(self.device)
+
+    def permuted(self, order: torch.Tensor) -> torch.Tensor:
+        """A new ``[size, size]`` copy with rows and columns in ``order``."""
+        order = order.cpu()
+        result = torch.empty(self.size, self.size, dtype=torch.float64, device=self.device)
+        staging = result if result.device.type == "cpu" else torch.empty_like(result, device="cpu")
+        for position, row in self._rows(order):
+            torch.index_select(row, 0, order, out=staging[position])
+        if staging is not result:
+            result.copy_(staging)
+        return result
 
 
 class WorkDir:
@@ -94,12 +123,28 @@ class WorkDir:
     def _measured(self, index: int) -> Path:
         return self.path / f"measured-{index:05d}.pt"
 
-    def _grams(self, index: int) -> Path:
-        return self.path / f"grams-{index:05d}.pt"
+    def _grams(self, index: int) -> tuple[Path, Path]:
+        """A block's Gram matrices: the raw float64 file and its index."""
+        return self.path / f"grams-{index:05d}.f64", self.path / f"grams-{index:05d}.json"
 
     def save_grams(self, index: int, stats: dict[str, ChannelStats]) -> None:
-        """One block's Gram matrices by linear name (shared ones stored once)."""
-        _atomic_save({name: s.gram for name, s in stats.items()}, self._grams(index))
+        """One block's Gram matrices (shared ones stored once): float64 rows in one
+        raw file, and where each linear's starts in an index beside it."""
+        data, where = self._grams(index)
+        partial = data.with_name(data.name + ".partial")
+        placed: dict[int, list] = {}
+        with open(partial, "wb") as file:
+            for gram in (s.gram for s in stats.values()):
+                if id(gram) in placed:
+                    continue
+                placed[id(gram)] = [file.tell(), gram.shape[0], str(gram.device)]
+                for start in range(0, gram.shape[0], GRAM_ROWS_PER_WRITE):
+                    rows = gram[start : start + GRAM_ROWS_PER_WRITE]
+                    file.write(rows.to("cpu", torch.float64).contiguous().numpy().tobytes())
+        os.replace(partial, data)
+        index_text = json.dumps({name: placed[id(s.gram)] for name, s in stats.items()})
+        where.with_name(where.name + ".partial").write_text(index_text)
+        os.replace(where.with_name(where.name + ".partial"), where)
 
     def save_measurement(
         self, index: int, stats: dict[str, ChannelStats], distortions: dict[str, torch.Tensor]
@@ -120,19 +165,22 @@ class WorkDir:
         return self._measured(index).exists()
 
     def gram_loaders(self, index: int, local: bool = True) -> dict:
-        """The block's Gram matrices by linear name, as :class:`StoredGram` loaders
+        """The block's Gram matrices by linear name: :class:`StoredGram` readers
         (``local``: the work runs on this machine and reads the file itself) or
-        as tensors. Linears fed one input share one object."""
-        path = self._grams(index)
-        grams = _load(path, mmap=True)  # memory-mapped: nothing read yet
+        whole tensors. Linears fed one input share one object."""
+        data, where = self._grams(index)
         sources = {}
-        for name, gram in grams.items():
-            if id(gram) not in sources:
-                sources[id(gram)] = StoredGram(path, name, gram.shape[0]) if local else gram.clone()
-        return {name: sources[id(gram)] for name, gram in grams.items()}
+        names = {}
+        for name, (offset, size, device) in json.loads(where.read_text()).items():
+            if offset not in sources:
+                stored = StoredGram(data, offset, size, device)
+                sources[offset] = stored if local else stored.permuted(torch.arange(size))
+            names[name] = sources[offset]
+        return names
 
     def drop_grams(self, index: int) -> None:
-        self._grams(index).unlink(missing_ok=True)
+        for path in self._grams(index):
+            path.unlink(missing_ok=True)
 
     # walks: the hidden states between blocks ---------------------------------------------
     def _walk(self, stage: str) -> Path:
