@@ -295,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     rows = [("full precision (fp32)", 32.0, params * 4, fp.ppl)]
     for label, config in [
         ("RTN 3-bit g64", RTNConfig(bits=3, group_size=64)),
-        (f"CMPQ {args.bits:g} bits", CMPQConfig(bits=args.bits)),
+        (f"CMPQ {args.bits:g} bits", CMPQConfig(bits=args.bits, calib_samples=args.calib_samples)),
     ]:
         model, tokenizer = load_model(args.model)
         report = quantize(model, config, tokenizer=tokenizer)
@@ -309,7 +309,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"{'model':<24}{'bits/weight':>12}{'size (MB)':>12}{'perplexity':>12}")
     for row in rows:
         _print_row(*row)
+    print(demo_calibration_note(args.model, args.bits, args.calib_samples))
     print(f"demo took {time.perf_counter() - start:.0f} s")
+
+
+# `python benchmarks/command_bench.py calibration` on the default model at the demo's bits
+# (WikiText-2 40 x 512, as the demo measures); tests/test_cli.py checks these against
+# benchmarks/results/calibration-smollm2-135m.json
+DEMO_CALIBRATION = {
+    "model": "smollm2-135m",
+    "bits": 2.5,
+    "commit": "COMMIT",
+    "seconds": {},  # calibration windows: quantize seconds
+    "ppl": {},  # calibration windows: perplexity
+}
+DEMO_CALIB_SAMPLES = 32
+
+
+def demo_calibration_note(model: str, bits: float, samples: int) -> str:
+    """What the demo's short calibration costs, as measured (when it was)."""
+    default = CMPQConfig().calib_samples
+    note = f"CMPQ calibrated on {samples} windows x 512 tokens (`cmpq quantize` uses {default})"
+    measured = DEMO_CALIBRATION
+    known = (model, bits) == (measured["model"], measured["bits"])
+    if not known or samples not in measured["ppl"] or default not in measured["ppl"]:
+        return note + "."
+    return (
+        f"{note}: measured on {model} at {bits:g} bits, perplexity "
+        f"{measured['ppl'][samples]:.2f} against {measured['ppl'][default]:.2f} with {default}, "
+        f"quantized in {measured['seconds'][samples]:.0f} s instead of "
+        f"{measured['seconds'][default]:.0f} s (2 CPU cores, commit {measured['commit']})."
+    )
 
 
 def _print_row(label: str, bits: float, stored_bytes: int, ppl: float) -> None:
@@ -408,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="quantize the default model and compare perplexity")
     demo.add_argument("--model", default=DEFAULT_MODEL)
     demo.add_argument("--bits", type=float, default=2.5, help="CMPQ total bits (2.5)")
+    demo.add_argument(
+        "--calib-samples",
+        type=int,
+        default=DEMO_CALIB_SAMPLES,
+        help=f"CMPQ calibration windows ({DEMO_CALIB_SAMPLES}, fewer than quantize's, for speed)",
+    )
     _add_eval_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
