@@ -383,3 +383,19 @@ def test_demo_on_a_tiny_model(capsys, tiny_checkpoint, text_file):
     for _, megabytes, ppl in rows.values():
         assert ppl > 1 and megabytes > 0
     assert "demo took" in stdout
+
+
+def test_the_demo_cites_the_committed_calibration_measurements():
+    from cmpq.cli import DEMO_CALIB_SAMPLES, DEMO_CALIBRATION, demo_calibration_note
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    rows = json.loads((results / "calibration-smollm2-135m.json").read_text())["rows"]
+    measured = {r["calib_samples"]: r for r in rows if r["bits"] == DEMO_CALIBRATION["bits"]}
+    assert {DEMO_CALIB_SAMPLES, 128} <= set(DEMO_CALIBRATION["ppl"])
+    for samples, ppl in DEMO_CALIBRATION["ppl"].items():
+        assert measured[samples]["commit"] == DEMO_CALIBRATION["commit"]
+        assert round(measured[samples]["ppl"], 2) == ppl
+        assert round(measured[samples]["quantize_seconds"]) == DEMO_CALIBRATION["seconds"][samples]
+    note = demo_calibration_note("smollm2-135m", 2.5, DEMO_CALIB_SAMPLES)
+    assert f"{DEMO_CALIBRATION['ppl'][128]:.2f} with 128" in note
+    assert demo_calibration_note("other-model", 2.5, 16).endswith("uses 128).")

@@ -91,7 +91,8 @@ def test_sequential_calibration_changes_later_blocks_only():
 
 
 def test_wide_blocks_run_fewer_windows_per_forward():
-    wide = torch.nn.ModuleDict({"mlp": torch.nn.ModuleDict({"down_proj": torch.nn.Linear(14336, 8)})})
+    down = torch.nn.Linear(14336, 8)
+    wide = torch.nn.ModuleDict({"mlp": torch.nn.ModuleDict({"down_proj": down})})
     narrow = make_tiny_model("llama").model.layers[0]
     assert looper.windows_per_forward(narrow, 512) == looper.WINDOWS_PER_FORWARD == 8
     # one [512, 14336] float32 activation is 29 MB: two fit in 64 MB
