@@ -48,7 +48,10 @@ def demo_rows(stdout: str) -> list[dict]:
     for line in stdout.splitlines():
         parts = line.rsplit(maxsplit=3)
         if len(parts) == 4 and parts[0].startswith(DEMO_LABELS):
-            bits, megabytes, ppl = map(float, parts[1:])
+            try:
+                bits, megabytes, ppl = map(float, parts[1:])
+            except ValueError:  # a line of prose after the table
+                continue
             rows.append({"model_variant": parts[0], "bits": bits, "mb": megabytes, "ppl": ppl})
     return rows
 
