@@ -260,3 +260,27 @@ def test_hidden_states_spilled_to_files_give_the_same_model(monkeypatch, config)
     # every window lived in a file-backed mapping, one file per block's outputs
     assert all(w.untyped_storage().filename for w in spilled_windows)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_stored_gram_matrices_read_back_exactly(tmp_path):
+    from cmpq.calib.stats import ChannelStats
+    from cmpq.quant.workdir import WorkDir
+
+    shared = ChannelStats.zeros(5, gram=True)
+    shared.gram.copy_(
+        torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )
+    own = ChannelStats.zeros(3, gram=True)
+    own.gram.copy_(torch.arange(9, dtype=torch.float64).view(3, 3))
+    workdir = WorkDir(tmp_path)
+    workdir.save_grams(0, {"q": shared, "k": shared, "down": own})
+    stored = workdir.gram_loaders(0)
+    assert stored["q"] is stored["k"] and stored["q"] is not stored["down"]
+    order = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.equal(stored["q"].diagonal(), shared.gram.diagonal())
+    assert torch.equal(stored["q"].permuted(order), shared.gram[order[:, None], order])
+    assert torch.equal(
+        stored["down"].diagonal(), torch.tensor([0.0, 4.0, 8.0], dtype=torch.float64)
+    )
+    whole = workdir.gram_loaders(0, local=False)  # for tasks on other machines: the tensors
+    assert torch.equal(whole["k"], shared.gram) and whole["q"] is whole["k"]

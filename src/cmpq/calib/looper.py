@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -62,8 +63,6 @@ class SpillFiles:
     """
 
     def __init__(self, directory) -> None:
-        from pathlib import Path
-
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files = 0

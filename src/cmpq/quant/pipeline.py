@@ -426,7 +426,7 @@ class _Run:
         grams = {n: measured[n].gram if n in measured else None for n in names}
         if self.measures and self.stats is None:  # the statistics the plan was made from
             measured, _ = self.workdir.measurement(index)
-            if self.grams_on_disk:  # loaded when its operator is computed, memory-mapped
+            if self.grams_on_disk:  # read from disk only while its operator is made
                 grams = self.workdir.gram_loaders(index, local=self.executor.same_machine)
         full = f"{self.prefix}.{index}"
         statistics = {n: measured[n].statistic(self.config.statistic).cpu() for n in names}

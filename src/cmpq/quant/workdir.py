@@ -64,21 +64,28 @@ class StoredGram:
                 yield position, row
 
     def diagonal(self) -> torch.Tensor:
-        everything = torch.arange(self.size)
+        """The diagonal, one entry read per row."""
+        entry = torch.empty(1, dtype=torch.float64)
+        view = memoryview(entry.numpy()).cast("B")
         diagonal = torch.empty(self.size, dtype=torch.float64)
-        for position, row in self._rows(everything):
-            diagonal[position] = row[position]
+        with open(self.path, "rb", buffering=0) as file:
+            for index in range(self.size):
+                file.seek(self.offset + (index * self.size + index) * 8)
+                file.readinto(view)
+                diagonal[index] = entry[0]
         return diagonal.to(self.device)
 
     def permuted(self, order: torch.Tensor) -> torch.Tensor:
-        """A new ``[size, size]`` copy with rows and columns in ``order``."""
+        """A new ``[size, size]`` copy with rows and columns in ``order``, built on its
+        device a row at a time (no whole staging copy on the CPU)."""
         order = order.cpu()
         result = torch.empty(self.size, self.size, dtype=torch.float64, device=self.device)
-        staging = result if result.device.type == "cpu" else torch.empty_like(result, device="cpu")
+        on_cpu = result.device.type == "cpu"
+        picked = torch.empty(self.size, dtype=torch.float64)
         for position, row in self._rows(order):
-            torch.index_select(row, 0, order, out=staging[position])
-        if staging is not result:
-            result.copy_(staging)
+            torch.index_select(row, 0, order, out=result[position] if on_cpu else picked)
+            if not on_cpu:
+                result[position].copy_(picked)
         return result
 
 
