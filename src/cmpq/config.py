@@ -63,6 +63,20 @@ def check_rtn_options(bits: int, group_size: int | None) -> None:
 # The CMPQ paper's method, as the defaults were before rd-layer allocation and
 # error feedback measured better (docs/decisions.md): CMPQConfig(**PAPER_METHOD).
 PAPER_METHOD = {"allocation": "paper", "error_feedback": False}
+# SqueezeLLM's recipe from cmpq's parts, the baseline the CMPQ paper compares against:
+# one integer code width in every layer, one non-uniform table per output row fit by
+# sensitivity-weighted k-means (here weighted by activation energy, not SqueezeLLM's
+# Fisher information), 0.45 % dense-and-sparse fp16 outliers, no error feedback.
+# Give it the total `bits` of the width wanted (benchmarks/peers/run_peers.py computes them).
+SQUEEZELLM_OUTLIERS = 0.0045
+SQUEEZELLM_METHOD = {
+    "allocation": "paper",
+    "layout": "row",
+    "mixed": False,
+    "error_feedback": False,
+    "outliers_act": 0.0005,
+    "outliers_q": SQUEEZELLM_OUTLIERS - 0.0005,
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,7 @@ class CMPQConfig:
     calib_samples: int = option(128, "calibration windows")
     calib_seqlen: int = option(512, "tokens per calibration window")
     sequential: bool = option(
-        False, "calibrate each block on the outputs of the quantized ones (allocation paper)"
+        False, "calibrate each block on the outputs of the blocks already quantized"
     )
     allocation: str = option(
         "rd-layer",
@@ -115,6 +129,15 @@ class CMPQConfig:
         optional=True,
     )
     damp: float = option(0.01, "error feedback: damping of XᵀX, a fraction of its mean diagonal")
+    tune_tables: int = option(
+        0, "steps fitting each block's tables to the full-precision block's outputs (0: off)"
+    )
+    tune_model: int = option(
+        0,
+        "steps fitting all tables to the full-precision model's next-token distribution "
+        "(0: off; holds the model twice in memory)",
+    )
+    tune_lr: float = option(3e-4, "learning rate of table tuning (Adam, cosine decay)")
 
     method = "cmpq"
 
@@ -132,19 +155,23 @@ class CMPQConfig:
                 f"`allocation` {self.allocation} prices each input column alone: use `layout` "
                 "column, or `allocation` paper with `layout` row"
             )
-        if self.allocation != "paper" and self.sequential:
-            raise CmpqError(
-                f"`allocation` {self.allocation} needs every layer's statistics before the first "
-                "is quantized; use `allocation` paper with `sequential`"
-            )
         for name in ("outliers_act", "outliers_q"):
             value = getattr(self, name)
             if not 0 <= value <= 0.1:
                 raise CmpqError(f"`{name}` must be a fraction from 0 to 0.1 (got {value})")
-        for name, least in (("calib_samples", 1), ("calib_seqlen", 2), ("kmeans_iters", 1)):
+        minimums = (
+            ("calib_samples", 1),
+            ("calib_seqlen", 2),
+            ("kmeans_iters", 1),
+            ("tune_tables", 0),
+            ("tune_model", 0),
+        )
+        for name, least in minimums:
             value = getattr(self, name)
             if value < least:
                 raise CmpqError(f"`{name}` must be at least {least} (got {value})")
+        if not 0 < self.tune_lr <= 1:
+            raise CmpqError(f"`tune_lr` must be in (0, 1] (got {self.tune_lr})")
         if not 0 < self.damp <= 1:
             raise CmpqError(f"`damp` must be in (0, 1] (got {self.damp})")
         if not self.calib:

@@ -268,6 +268,16 @@ def measure_block(
     return {name: stats[name] for name in linears}, outputs
 
 
+@dataclass(frozen=True)
+class BlockIO:
+    """One block's calibration inputs (per window), its keyword arguments, and the
+    outputs it gave when walked (before its linears were quantized)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: dict
+    outputs: list[torch.Tensor]
+
+
 @dataclass
 class BlockWalk:
     """Where a walk over the blocks stands: the next block's index and its inputs."""
@@ -289,8 +299,11 @@ def walk_blocks(
     after_block: Callable[[BlockWalk], None] | None = None,
     desc: str = "blocks",
     spill: SpillFiles | None = None,
+    io: bool = False,
 ) -> None:
-    """Calibrate block by block, calling ``process(index, block, stats)`` for each.
+    """Calibrate block by block, calling ``process(index, block, stats)`` for each
+    (with ``io``: ``process(index, block, stats, BlockIO(...))``, the block's inputs
+    and the outputs it gave before ``process``).
 
     ``loader`` puts each block's weights in place before it runs and releases them
     after; ``start`` resumes a walk (its inputs are those of block ``start.index``);
@@ -307,7 +320,10 @@ def walk_blocks(
             kwargs = inputs.kwargs_by_block[index]
             loader.load(index, block)
             stats, outputs = measure_block(block, walk.hidden, kwargs, gram, spill)
-            process(index, block, stats)
+            if io:
+                process(index, block, stats, BlockIO(walk.hidden, kwargs, outputs))
+            else:
+                process(index, block, stats)
             if sequential:
                 outputs = run_windows(block, walk.hidden, kwargs, spill)
             loader.release(index, block)

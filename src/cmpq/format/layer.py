@@ -236,3 +236,27 @@ def table_values_at(
     owner = rows if layout == "row" else column
     entry = table_offsets[group] + owner * (1 << bits) + code
     return tensors["lut"][entry].float()
+
+
+def table_positions(layer: LUTLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each weight's value sits in the stored (flat) ``lut``, in three parts:
+    ``codes`` ``[out, in]`` uint8 in the original column order, ``column_base`` and
+    ``row_stride`` ``[in]`` int64, so that weight ``(o, c)`` (outliers aside) is
+    ``lut[column_base[c] + o * row_stride[c] + codes[o, c]]``."""
+    offsets = layer.offsets
+    tables = lut_offsets(layer.layout, layer.out_features, layer.group_bits, layer.group_sizes)
+    base = torch.empty(layer.in_features, dtype=torch.int64)
+    stride = torch.empty(layer.in_features, dtype=torch.int64)
+    for g, bits in enumerate(layer.group_bits):
+        start, stop = offsets[g], offsets[g + 1]
+        if layer.layout == "row":  # one table per output row: rows step over the tables
+            base[start:stop], stride[start:stop] = tables[g], 2**bits
+        else:  # one table per column
+            base[start:stop] = tables[g] + torch.arange(stop - start) * 2**bits
+            stride[start:stop] = 0
+    codes = torch.empty((layer.out_features, layer.in_features), dtype=torch.uint8)
+    if layer.codes:
+        codes[:, layer.perm] = torch.cat([c.cpu() for c in layer.codes], dim=1)
+    column_base, row_stride = torch.empty_like(base), torch.empty_like(stride)
+    column_base[layer.perm], row_stride[layer.perm] = base, stride
+    return codes, column_base, row_stride

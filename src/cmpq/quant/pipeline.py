@@ -10,6 +10,7 @@ each block's linears are quantized side by side (:mod:`.tables`,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from ..alloc.paper import paper_allocation, paper_code_budgets
 from ..alloc.rd import RD_WIDTHS, rd_plan
 from ..calib.looper import (
     BlockInputs,
+    BlockIO,
     BlockLoader,
     BlockWalk,
     InPlace,
@@ -57,6 +59,7 @@ from .outliers import activation_outliers, activation_scale
 from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 from .tables import column_distortions, quantize_layer
+from .tuning import tune_block_tables, tune_model_tables
 from .workdir import WorkDir
 
 
@@ -210,6 +213,7 @@ def quantize_cmpq(
     memory they are kept in memory-mapped files in ``workdir`` instead.
     """
     start = time.perf_counter()
+    teacher = model_teacher(model, config, calibration, sink)
     owned = workdir is None
     workdir = WorkDir.temporary() if owned else workdir
     run = _Run(
@@ -229,9 +233,30 @@ def quantize_cmpq(
     finally:
         if owned:
             workdir.remove()
+    if teacher is not None:
+        steps, lr = config.tune_model, config.tune_lr
+        tuning = tune_model_tables(model, teacher, calibration, steps, lr, progress)
+        report.tuning["model"] = dataclasses.asdict(tuning)
+        del teacher
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def model_teacher(
+    model: nn.Module, config: CMPQConfig, calibration: torch.Tensor | None, sink
+) -> nn.Module | None:
+    """A full-precision copy of ``model`` for ``tune_model`` (``None`` when off)."""
+    if not config.tune_model:
+        return None
+    if sink is not None:
+        raise CmpqError(
+            "`tune_model` needs the whole model in memory; it cannot run while a checkpoint "
+            "is quantized one block at a time (set `tune_model` 0 or load the model whole)"
+        )
+    if calibration is None:
+        raise CmpqError("`tune_model` needs `calibration` windows")
+    return copy.deepcopy(model)
 
 
 class _Trimming:
@@ -271,11 +296,13 @@ class _Run:
         self.grams_on_disk = (
             self.measures
             and self.config.error_feedback
+            and not self.config.sequential  # pass 2 measures them again, on its inputs
             and self.stats is None
             and gram_bytes(self.shapes) <= GRAM_DISK_SHARE * self.workdir.free_bytes()
         )
         self.inputs: BlockInputs | None = None
         self.spill = self._spill_files()
+        self.tuning: dict[str, dict] = {}  # block name: its table tuning (BlockTuning)
 
     def _spill_files(self) -> SpillFiles | None:
         """Files for the hidden states, when a block's inputs and outputs would take
@@ -290,6 +317,8 @@ class _Run:
         return SpillFiles(self.workdir.path / "hidden")
 
     def _check_stats(self) -> None:
+        if self.config.tune_tables and self.calibration is None:
+            raise CmpqError("`tune_tables` needs `calibration` windows (the blocks' inputs)")
         if self.stats is None:
             return
         if self.config.sequential:
@@ -323,6 +352,7 @@ class _Run:
                 self.sink.restore(index, block, self.config.layout)  # done by an earlier run
         report = QuantizationReport(method=self.config.method, config=self.config.as_dict())
         report.code_bits = self.allocation.code_bits
+        report.tuning = {"blocks": self.tuning} if self.tuning else {}
         for index in range(len(self.blocks)):
             rows, statistics = self.workdir.done(index)
             for _name, weights, bits in rows:
@@ -382,14 +412,16 @@ class _Run:
     def quantize_blocks(self) -> None:
         """Pass 2: quantize every block not finished yet; without the Gram matrices at
         hand (error feedback, paper rule or no room on disk) calibration runs again."""
-        walk_again = self.config.error_feedback and not self.grams_on_disk and self.stats is None
-        walk_again = walk_again or (not self.measures and self.stats is None)
+        tune = self.config.tune_tables > 0
+        walk_again = self.config.sequential or tune
+        if self.stats is None:
+            walk_again = walk_again or not self.measures
+            walk_again = walk_again or (self.config.error_feedback and not self.grams_on_disk)
         if not walk_again:
             todo = [i for i in range(len(self.blocks)) if not self.workdir.is_done(i)]
             for index in tqdm(todo, desc="quantize", unit="block", disable=not self.progress):
                 with self._loaded(index) as block:
-                    given = self._given_stats(index) if self.stats is not None else {}
-                    self.quantize_block(index, block, given)
+                    self.quantize_block(index, block, {})
             return
         if all(self.workdir.is_done(i) for i in range(len(self.blocks))):
             return
@@ -399,11 +431,12 @@ class _Run:
             self.quantize_block,
             sequential=self.config.sequential,
             progress=self.progress,
-            gram=self.config.error_feedback,
+            gram=self.config.error_feedback and self.stats is None and not self.grams_on_disk,
             loader=self.loader,
             **self._walk_state("quantize", self.workdir.is_done),
             desc="quantize",
             spill=self.spill,
+            io=tune,
         )
 
     def _walk_state(self, stage: str, finished) -> dict:
@@ -418,20 +451,40 @@ class _Run:
 
         return {"start": start, "after_block": save}
 
-    def quantize_block(self, index: int, block: nn.Module, measured: dict[str, ChannelStats]):
-        """Quantize ``block``'s linears (``measured``: this pass's statistics, when it
-        measured them), hand the block to the sink and record it as done."""
+    def _planned_stats(self, index: int, walked: dict[str, ChannelStats]):
+        """The statistics the plan was made from: given, pass 1's, or this walk's."""
+        if self.stats is not None:
+            return self._given_stats(index)
+        if self.measures:
+            return self.workdir.measurement(index)[0]
+        return walked
+
+    def quantize_block(
+        self,
+        index: int,
+        block: nn.Module,
+        walked: dict[str, ChannelStats],
+        io: BlockIO | None = None,
+    ):
+        """Quantize ``block``'s linears (``walked``: this pass's statistics, when it
+        measured them; ``io``: the block's calibration inputs and outputs, when its
+        tables are tuned), hand the block to the sink and record it as done.
+
+        Widths follow the plan; outliers and error feedback follow the inputs the
+        block gets now: the quantized blocks' outputs with ``sequential``, else the
+        full-precision model's."""
         names = list(block_linears(block))
-        walked = measured  # this walk's statistics (empty when it did not measure)
-        grams = {n: measured[n].gram if n in measured else None for n in names}
-        if self.measures and self.stats is None:  # the statistics the plan was made from
-            measured, _ = self.workdir.measurement(index)
-            if self.grams_on_disk:  # read from disk only while its operator is made
-                grams = self.workdir.gram_loaders(index, local=self.executor.same_machine)
+        planned = self._planned_stats(index, walked)
+        seen = walked if self.config.sequential else planned
+        if self.grams_on_disk:  # read from disk only while its operator is made
+            grams = self.workdir.gram_loaders(index, local=self.executor.same_machine)
+        else:
+            grams = {n: _gram_of(walked, n) if _gram_of(walked, n) is not None
+                     else _gram_of(planned, n) for n in names}  # fmt: skip
         full = f"{self.prefix}.{index}"
-        statistics = {n: measured[n].statistic(self.config.statistic).cpu() for n in names}
-        energies = {n: measured[n].energy() for n in names}
-        del measured
+        statistics = {n: seen[n].statistic(self.config.statistic).cpu() for n in names}
+        energies = {n: seen[n].energy() for n in names}
+        del planned, seen
         if self.stats is None:  # the walk's Gram matrices are ours: only `grams` holds them now
             for stats in walked.values():
                 stats.gram = None
@@ -444,9 +497,19 @@ class _Run:
             replace_module(block, name, quantized)
             bits = stored_bits(quantized.stored_tensors())
             rows.append((f"{full}.{name}", module.weight.numel(), bits))
+        if io is not None and self.config.tune_tables:
+            tuning = tune_block_tables(
+                block, io.hidden, io.kwargs, io.outputs, self.config.tune_tables,
+                self.config.tune_lr,
+            )  # fmt: skip
+            self.tuning[full] = dataclasses.asdict(tuning)
         self.sink.write(index, block)
         self.workdir.save_done(index, rows, {f"{full}.{n}": statistics[n].float() for n in names})
         self.workdir.drop_grams(index)
+
+
+def _gram_of(stats: dict[str, ChannelStats], name: str) -> torch.Tensor | None:
+    return stats[name].gram if name in stats else None
 
 
 def on_cpu(layer: LUTLayer) -> LUTLayer:

@@ -25,6 +25,8 @@ class QuantizationReport(StoredTotals):
     # CMPQ: each linear's per-input-channel allocation statistic (config ``statistic``), by
     # full name; saved beside the checkpoint for `cmpq inspect`, not part of the JSON report
     channel_statistics: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # table tuning: each block's error before and after, the model's KL trend (quant.tuning)
+    tuning: dict = field(default_factory=dict)
 
     def stored_dict(self) -> dict:
         """What was stored and how it was made: a property of the checkpoint, so the
@@ -43,6 +45,7 @@ class QuantizationReport(StoredTotals):
             **self.stored_dict(),
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "tuning": self.tuning,
         }
 
     def summary(self) -> str:

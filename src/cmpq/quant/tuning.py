@@ -1,0 +1,240 @@
+"""Tuned look-up tables: the codes stay fixed, the fp16 tables move.
+
+A quantized linear's tables are a few percent of its stored bits; once its codes
+are chosen, the tables can be refit by gradient steps to what the model needs,
+at no cost in storage. Two passes use this (docs/decisions.md):
+
+* :func:`tune_block_tables`: after a block is quantized, its tables are fit to
+  the full-precision block's outputs on the calibration inputs (mean squared
+  error relative to the outputs' energy), one batch of windows per step; tables
+  that do not lower the error on the windows checked are put back as they were.
+* :func:`tune_model_tables`: all tables of a quantized model at once, to the
+  full-precision model's next-token distribution (per-token KL), one
+  calibration window per step.
+
+While tuning, each :class:`~cmpq.runtime.qlinear.QuantizedLinear` is swapped for
+a :class:`TunableLinear` whose weight is rebuilt from its float32 tables on every
+forward; afterwards the tables are rounded to fp16 and written back: the stored
+tensors keep their shapes, dtypes and bits.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.looper import block_device, on_device, run_block, windows_per_forward
+from ..format.layer import table_positions
+from ..models.graph import replace_module
+from ..runtime.qlinear import QuantizedLinear, quantized_layers
+
+CHECK_WINDOWS = 16  # calibration windows the block's error is checked on, before and after
+
+
+class TunableLinear(nn.Module):
+    """A quantized linear whose tables are a float32 parameter; the weight is
+    ``table[column_base + row * row_stride + codes]`` with the outliers in place."""
+
+    def __init__(self, quantized: QuantizedLinear) -> None:
+        super().__init__()
+        layer = quantized.layer()
+        device = quantized.lut.device
+        codes, column_base, row_stride = table_positions(layer)
+        self.register_buffer("codes", codes.to(device))
+        self.register_buffer("column_base", column_base.to(device))
+        self.register_buffer("row_stride", row_stride.to(device))
+        self.register_buffer("outlier_rows", layer.outlier_rows.to(device))
+        self.register_buffer("outlier_cols", layer.outlier_cols.to(device))
+        self.register_buffer("outlier_values", layer.outlier_values.float().to(device))
+        self.table = nn.Parameter(quantized.lut.detach().float().clone())
+        self.bias = None if quantized.bias is None else quantized.bias.detach().float()
+
+    def weight(self) -> torch.Tensor:
+        rows = torch.arange(self.codes.shape[0], device=self.codes.device)[:, None]
+        index = self.column_base + rows * self.row_stride + self.codes.long()
+        weight = self.table.take(index)
+        if self.outlier_values.numel():
+            weight = weight.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight(), self.bias).to(x.dtype)
+
+    def fp16_table(self) -> torch.Tensor:
+        return self.table.detach().half()
+
+
+@contextmanager
+def tunable_tables(module: nn.Module):
+    """``module``'s quantized linears swapped for :class:`TunableLinear` ones (yields
+    them by name); on exit the originals are back, holding the tuned tables in fp16."""
+    originals = quantized_layers(module)
+    tunables = {name: TunableLinear(q) for name, q in originals.items()}
+    for name, tunable in tunables.items():
+        replace_module(module, name, tunable)
+    try:
+        yield tunables
+    finally:
+        for name, quantized in originals.items():
+            quantized.lut = tunables[name].fp16_table()  # a new tensor: cached views rebuild
+            replace_module(module, name, quantized)
+
+
+def round_tables(tunables: dict[str, TunableLinear]) -> None:
+    """Each table rounded to the fp16 value it will be stored as."""
+    with torch.no_grad():
+        for tunable in tunables.values():
+            tunable.table.copy_(tunable.table.half().float())
+
+
+@dataclass(frozen=True)
+class BlockTuning:
+    """A block's relative output error before and after tuning, on the windows checked;
+    ``kept``: whether the tuned tables were kept (they lowered it)."""
+
+    before: float
+    after: float
+    kept: bool
+
+
+def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output - target).square().sum() / target.square().sum().clamp_min(1e-30)
+
+
+def tune_block_tables(
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    kwargs: dict,
+    targets: list[torch.Tensor],
+    steps: int,
+    lr: float,
+) -> BlockTuning:
+    """Fit ``block``'s tables (its linears already quantized) so its output on each
+    window of ``hidden`` comes closer to ``targets`` (the full-precision block's).
+
+    Each step takes the next batch of windows (:func:`windows_per_forward` of them,
+    cycling); Adam with a cosine decay of ``lr``. The error is checked on the first
+    :data:`CHECK_WINDOWS` windows with the fp16 tables before and after: tables that
+    did not lower it are restored.
+    """
+    device = block_device(block)
+    kwargs = trainable_copy(on_device(kwargs, device))
+    size = windows_per_forward(block, hidden[0].shape[-2])
+    checked = range(min(CHECK_WINDOWS, len(hidden)))
+
+    def batch(indices) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([hidden[i] for i in indices]).to(device, torch.float32)
+        t = torch.cat([targets[i] for i in indices]).to(device, torch.float32)
+        return x, t
+
+    def check_error() -> float:
+        total = energy = 0.0
+        with torch.no_grad():
+            for start in range(0, len(checked), size):
+                x, t = batch(checked[start : start + size])
+                y = run_block(block, x, kwargs)
+                total += float((y - t).square().sum())
+                energy += float(t.square().sum())
+        return total / max(energy, 1e-30)
+
+    with tunable_tables(block) as tunables:
+        saved = {name: t.table.detach().clone() for name, t in tunables.items()}
+        before = check_error()
+        parameters = [t.table for t in tunables.values()]
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps))
+        batches = math.ceil(len(hidden) / size)
+        for step in range(steps):
+            start = (step % batches) * size
+            x, t = batch(range(start, min(start + size, len(hidden))))
+            loss = relative_error(run_block(block, x, kwargs), t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        round_tables(tunables)
+        after = check_error()
+        kept = after < before
+        if not kept:
+            with torch.no_grad():
+                for name, tunable in tunables.items():
+                    tunable.table.copy_(saved[name])
+    return BlockTuning(before, after, kept)
+
+
+def trainable_copy(value):
+    """``value`` (tensors, or tuples, lists and dicts of them) with each tensor cloned
+    outside inference mode: calibration records its inputs in inference mode, and
+    such tensors cannot take part in a backward pass."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple | list):
+        return type(value)(trainable_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: trainable_copy(v) for k, v in value.items()}
+    return value
+
+
+def cosine(steps: int):
+    """A learning-rate factor falling from 1 to 0 along half a cosine over ``steps``."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
+@dataclass(frozen=True)
+class ModelTuning:
+    """Mean per-token KL to the full-precision model over the first and the last
+    tenth of the steps (on different windows: a trend, not a check)."""
+
+    first_kl: float
+    last_kl: float
+    steps: int
+
+
+def tune_model_tables(
+    model: nn.Module,
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    steps: int,
+    lr: float,
+    progress: bool = True,
+) -> ModelTuning:
+    """Fit every table of ``model`` (quantized) so its next-token distribution on
+    ``windows`` (int64 ``[n, seqlen]``, one per step, cycling) comes closer to
+    ``teacher``'s (the full-precision model): Adam on the per-token KL, with a
+    cosine decay of ``lr``; the tables end rounded to fp16."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    losses = []
+    try:
+        with tunable_tables(model) as tunables:
+            parameters = [t.table for t in tunables.values()]
+            optimizer = torch.optim.Adam(parameters, lr=lr)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps))
+            for step in tqdm(range(steps), desc="tune tables", unit="step", disable=not progress):
+                window = windows[step % len(windows)].unsqueeze(0)
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(window, use_cache=False).logits.float(), -1)
+                logits = model(window, use_cache=False).logits.float()
+                loss = F.kl_div(
+                    F.log_softmax(logits, -1)[0], target[0], log_target=True, reduction="batchmean"
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            round_tables(tunables)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    tenth = max(1, len(losses) // 10)
+    first = sum(losses[:tenth]) / tenth if losses else 0.0
+    last = sum(losses[-tenth:]) / tenth if losses else 0.0
+    return ModelTuning(first, last, steps)

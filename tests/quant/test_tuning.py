@@ -1,0 +1,180 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmpq.alloc.budget import outlier_count
+from cmpq.calib.looper import collect_stats, run_block
+from cmpq.calib.stats import ChannelStats
+from cmpq.config import CMPQConfig
+from cmpq.errors import CmpqError
+from cmpq.format.layer import dequantize_layer
+from cmpq.models.graph import block_linears, decoder_blocks, weight_matrix
+from cmpq.quant.executor import ThreadExecutor
+from cmpq.quant.feedback import quantize_layer_feedback
+from cmpq.quant.pipeline import block_distortions, plan_allocation, quantize, quantize_cmpq
+from cmpq.quant.tables import quantize_layer
+from cmpq.quant.tuning import TunableLinear, tune_block_tables
+from cmpq.runtime.qlinear import QuantizedLinear, quantized_layers
+
+from tiny import make_tiny_model, tiny_batch
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_a_tunable_linear_rebuilds_exactly_the_stored_weight(layout):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 24, generator=generator)
+    energy = torch.rand(24, generator=generator) + 0.1
+    bits = torch.randint(1, 5, (24,), generator=generator)
+    layer = quantize_layer(weight, bits, energy, layout=layout, act_outliers=5, q_outliers=7)
+    assert layer.outlier_values.numel() == 12
+    tunable = TunableLinear(QuantizedLinear.from_layer(layer))
+    assert torch.equal(tunable.weight(), dequantize_layer(layer))
+    # every table entry gets the gradient of the weights that read it
+    tunable.weight().sum().backward()
+    assert tunable.table.grad.sum() == weight.numel() - 12
+
+
+def _codes_and_tables(model):
+    layers = {n: m.layer() for n, m in quantized_layers(model).items()}
+    return {n: l.codes for n, l in layers.items()}, {n: l.luts for n, l in layers.items()}
+
+
+def test_block_tuning_moves_only_the_tables_and_never_raises_the_block_error():
+    batch = tiny_batch(6, 24)
+    config = CMPQConfig(bits=2.5, kmeans_iters=5)
+    plain, tuned = make_tiny_model("llama"), make_tiny_model("llama")
+    report_plain = quantize(plain, config, calibration=batch, progress=False)
+    tuned_config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_tables=30, tune_lr=1e-3)
+    report = quantize(tuned, tuned_config, calibration=batch, progress=False)
+
+    blocks = report.tuning["blocks"]
+    assert len(blocks) == 2
+    assert all(b["after"] <= b["before"] for b in blocks.values())
+    assert any(b["kept"] and b["after"] < 0.9 * b["before"] for b in blocks.values())
+    # the same codes and stored bits; tables still fp16, and moved
+    assert report.stored_bits == report_plain.stored_bits
+    assert report.effective_bits == report_plain.effective_bits
+    codes_plain, tables_plain = _codes_and_tables(plain)
+    codes, tables = _codes_and_tables(tuned)
+    assert all(torch.equal(a, b) for n in codes for a, b in zip(codes[n], codes_plain[n]))
+    assert all(t.dtype == torch.float16 for luts in tables.values() for t in luts)
+    assert any(not torch.equal(a, b) for n in tables for a, b in zip(tables[n], tables_plain[n]))
+
+
+def test_tables_that_do_not_lower_the_error_are_restored():
+    batch = tiny_batch(4, 16)
+    model = make_tiny_model("llama")
+    block = decoder_blocks(model)[1][0]
+    hidden, seen = [], {}
+
+    def record(module, args, kwargs):
+        hidden.append(args[0])
+        seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        for window in batch:
+            model(window.unsqueeze(0), use_cache=False)
+    handle.remove()
+    with torch.no_grad():
+        targets = [run_block(block, h, seen) for h in hidden]
+    quantize(model, CMPQConfig(bits=3.0, kmeans_iters=5), calibration=batch, progress=False)
+    before = {n: m.lut.clone() for n, m in quantized_layers(block).items()}
+    wrecked = tune_block_tables(block, hidden, seen, targets, steps=5, lr=1.0)
+    assert wrecked.after > wrecked.before and not wrecked.kept
+    assert all(torch.equal(m.lut, before[n]) for n, m in quantized_layers(block).items())
+    assert all(m.lut.dtype == torch.float16 for m in quantized_layers(block).values())
+
+
+def _kl_to(teacher, model, batch) -> float:
+    with torch.no_grad():
+        p = F.log_softmax(teacher(batch).logits.float(), -1)
+        q = F.log_softmax(model(batch).logits.float(), -1)
+    return float(F.kl_div(q.flatten(0, 1), p.flatten(0, 1), log_target=True, reduction="batchmean"))
+
+
+def test_model_tuning_brings_the_next_token_distribution_closer():
+    batch = tiny_batch(6, 24)
+    teacher = make_tiny_model("qwen2")
+    results = {}
+    for steps in (0, 40):
+        model = make_tiny_model("qwen2")
+        config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_model=steps, tune_lr=3e-4)
+        report = quantize(model, config, calibration=batch, progress=False)
+        results[steps] = (_kl_to(teacher, model, batch), report)
+    (plain, report_plain), (tuned, report) = results[0], results[40]
+    assert tuned < 0.8 * plain
+    assert report.tuning["model"]["steps"] == 40 and "model" not in report_plain.tuning
+    assert report.stored_bits == report_plain.stored_bits
+    assert all(m.lut.dtype == torch.float16 for m in quantized_layers(model).values())
+
+
+def test_model_tuning_needs_the_model_whole():
+    model = make_tiny_model("llama")
+
+    class Sink:
+        def write(self, index, block):
+            pass
+
+    with pytest.raises(CmpqError, match="whole model in memory"):
+        quantize_cmpq(model, CMPQConfig(tune_model=2), tiny_batch(2, 8), sink=Sink())
+    with pytest.raises(CmpqError, match="`tune_tables` must be at least 0"):
+        CMPQConfig(tune_tables=-1)
+
+
+def test_sequential_error_feedback_equals_a_hand_written_reference():
+    """rd-layer widths planned on the full-precision model; each block then quantized
+    with the statistics and XᵀX of the inputs the quantized blocks before it give."""
+    batch = tiny_batch(5, 20)
+    config = CMPQConfig(bits=3.0, kmeans_iters=5, sequential=True)
+    model = make_tiny_model("llama")
+    quantize(model, config, calibration=batch, progress=False)
+
+    reference = make_tiny_model("llama")
+    prefix, blocks = decoder_blocks(reference)
+    stats = collect_stats(reference, batch)
+    distortions = {}
+    for index, block in enumerate(blocks):
+        measured = {n: stats[f"{prefix}.{index}.{n}"] for n in block_linears(block)}
+        found = block_distortions(block, measured, config, ThreadExecutor())
+        distortions.update({f"{prefix}.{index}.{n}": d for n, d in found.items()})
+    shapes = {n: s for n, s in _shapes(reference).items()}
+    allocation = plan_allocation(shapes, config, distortions)
+    for index, block in enumerate(blocks):
+        linears = block_linears(block)
+        seen = {n: ChannelStats.zeros(weight_matrix(m).shape[1], gram=True) for n, m in linears.items()}
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen[n].update(a[0]))
+                 for n, m in linears.items()]  # fmt: skip
+        with torch.no_grad():  # the blocks before this one are quantized already
+            reference(batch, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        for name, module in linears.items():
+            weight = weight_matrix(module)
+            total = outlier_count(*weight.shape, allocation.outlier_fraction)
+            act = min(outlier_count(*weight.shape, config.outliers_act), total)
+            layer = quantize_layer_feedback(
+                weight,
+                allocation.widths[f"{prefix}.{index}.{name}"],
+                seen[name].energy(),
+                seen[name].gram,
+                layout="column",
+                act_outliers=act,
+                q_outliers=total - act,
+                iters=config.kmeans_iters,
+                damp=config.damp,
+            )
+            quantized = QuantizedLinear.from_layer(layer, module.bias)
+            parent, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, leaf, quantized)
+    got, want = quantized_layers(model), quantized_layers(reference)
+    assert set(got) == set(want) and len(got) == 14
+    for name in got:
+        torch.testing.assert_close(got[name].dequantized_weight(), want[name].dequantized_weight())
+
+
+def _shapes(model):
+    from cmpq.format.cost import LayerShape
+    from cmpq.models.graph import quantizable_linears
+
+    return {n: LayerShape(*weight_matrix(m).shape) for n, m in quantizable_linears(model).items()}
