@@ -36,7 +36,8 @@ def test_a_tunable_linear_rebuilds_exactly_the_stored_weight(layout):
 
 def _codes_and_tables(model):
     layers = {n: m.layer() for n, m in quantized_layers(model).items()}
-    return {n: l.codes for n, l in layers.items()}, {n: l.luts for n, l in layers.items()}
+    codes = {n: layer.codes for n, layer in layers.items()}
+    return codes, {n: layer.luts for n, layer in layers.items()}
 
 
 def test_block_tuning_moves_only_the_tables_and_never_raises_the_block_error():
@@ -56,9 +57,11 @@ def test_block_tuning_moves_only_the_tables_and_never_raises_the_block_error():
     assert report.effective_bits == report_plain.effective_bits
     codes_plain, tables_plain = _codes_and_tables(plain)
     codes, tables = _codes_and_tables(tuned)
-    assert all(torch.equal(a, b) for n in codes for a, b in zip(codes[n], codes_plain[n]))
+    same = [torch.equal(a, b) for n in codes for a, b in zip(codes[n], codes_plain[n], strict=True)]
+    assert all(same)
     assert all(t.dtype == torch.float16 for luts in tables.values() for t in luts)
-    assert any(not torch.equal(a, b) for n in tables for a, b in zip(tables[n], tables_plain[n]))
+    pairs = [(a, b) for n in tables for a, b in zip(tables[n], tables_plain[n], strict=True)]
+    assert any(not torch.equal(a, b) for a, b in pairs)
 
 
 def test_tables_that_do_not_lower_the_error_are_restored():
@@ -142,8 +145,10 @@ def test_sequential_error_feedback_equals_a_hand_written_reference():
     allocation = plan_allocation(shapes, config, distortions)
     for index, block in enumerate(blocks):
         linears = block_linears(block)
-        seen = {n: ChannelStats.zeros(weight_matrix(m).shape[1], gram=True) for n, m in linears.items()}
-        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen[n].update(a[0]))
+        seen = {
+            n: ChannelStats.zeros(weight_matrix(m).shape[1], gram=True) for n, m in linears.items()
+        }
+        hooks = [m.register_forward_pre_hook(lambda m, a, s=seen[n]: s.update(a[0]))
                  for n, m in linears.items()]  # fmt: skip
         with torch.no_grad():  # the blocks before this one are quantized already
             reference(batch, use_cache=False)
