@@ -4,6 +4,7 @@
     python benchmarks/cmpq_bench.py --suite ablations  # CMPQ variants at 2.2 and 3.0 bits
     python benchmarks/cmpq_bench.py --suite beyond     # paper/rd allocation x error feedback
     python benchmarks/cmpq_bench.py --suite outliers   # the defaults with other outlier fractions
+    python benchmarks/cmpq_bench.py --suite levers     # issue 18: tuned tables, sequential
 
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
 benchmarks/results/<suite>-<model>-<layout>.{json,md,png}, updating them after
@@ -98,6 +99,30 @@ OUTLIERS = [
     (f"{bits} bits: {name}", {"bits": bits, **DEFAULTS, **fields})
     for bits in (4.23, 2.5)
     for name, fields in OUTLIER_VARIANTS.items()
+]
+
+# issue 18: the levers that bring the defaults closer to full precision, each alone and
+# together (tuned tables: block outputs, whole-model KL; sequential calibration)
+LEVER_VARIANTS = {
+    "+ sequential calibration": {"sequential": True},
+    "+ tuned tables (blocks 48 + model 60)": {"tune_tables": 48, "tune_model": 60},
+    "+ tuned tables (model KL, 60 steps)": {"tune_model": 60},
+    "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
+}
+LEVERS = [  # most telling first, so a cut-short run still answers the main questions
+    (f"{bits} bits: {name}", {"bits": bits, **DEFAULTS, **LEVER_VARIANTS[name]})
+    for bits, name in [
+        (2.5, "+ sequential calibration"),
+        (2.5, "+ tuned tables (blocks 48 + model 60)"),
+        (2.0, "+ tuned tables (blocks 48 + model 60)"),
+        (3.0, "+ tuned tables (blocks 48 + model 60)"),
+        (2.5, "+ tuned tables (model KL, 60 steps)"),
+        (2.5, "+ tuned tables (blocks, 48 steps)"),
+        (2.0, "+ tuned tables (model KL, 60 steps)"),
+        (3.0, "+ tuned tables (model KL, 60 steps)"),
+        (2.0, "+ tuned tables (blocks, 48 steps)"),
+        (3.0, "+ tuned tables (blocks, 48 steps)"),
+    ]
 ]
 
 
@@ -244,7 +269,7 @@ def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--suite", choices=["sweep", "ablations", "beyond", "outliers"], default="sweep"
+        "--suite", choices=["sweep", "ablations", "beyond", "outliers", "levers"], default="sweep"
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
@@ -275,6 +300,7 @@ def main() -> None:
         "ablations": (ABLATIONS, DATASETS[:1]),
         "beyond": (BEYOND, DATASETS[:1]),
         "outliers": (OUTLIERS, DATASETS[:1]),
+        "levers": (LEVERS, DATASETS[:1]),
     }[args.suite]
     done = {row["setting"] for row in results.rows}
 
@@ -292,7 +318,7 @@ def main() -> None:
         }
         results.rows += evaluate_rows(model, tokenizer, ResultsFile.stamp(base), args, datasets)
         write_outputs(results, sort=args.suite == "sweep")
-    gram = args.suite in ("beyond", "outliers")  # error feedback needs each layer's XᵀX
+    gram = args.suite in ("beyond", "outliers", "levers")  # error feedback needs XᵀX
     stats, calibration_seconds = calibration_stats(model, tokenizer, args.model, gram)
     print(f"calibration: {calibration_seconds:.0f} s", flush=True)
 

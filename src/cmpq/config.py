@@ -137,7 +137,8 @@ class CMPQConfig:
         "steps fitting all tables to the full-precision model's next-token distribution "
         "(0: off; holds the model twice in memory)",
     )
-    tune_lr: float = option(3e-4, "learning rate of table tuning (Adam, cosine decay)")
+    tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
+    tune_model_lr: float = option(3e-4, "learning rate of model table tuning (Adam, cosine decay)")
 
     method = "cmpq"
 
@@ -170,8 +171,9 @@ class CMPQConfig:
             value = getattr(self, name)
             if value < least:
                 raise CmpqError(f"`{name}` must be at least {least} (got {value})")
-        if not 0 < self.tune_lr <= 1:
-            raise CmpqError(f"`tune_lr` must be in (0, 1] (got {self.tune_lr})")
+        for name in ("tune_tables_lr", "tune_model_lr"):
+            if not 0 < getattr(self, name) <= 1:
+                raise CmpqError(f"`{name}` must be in (0, 1] (got {getattr(self, name)})")
         if not 0 < self.damp <= 1:
             raise CmpqError(f"`damp` must be in (0, 1] (got {self.damp})")
         if not self.calib:

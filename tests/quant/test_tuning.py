@@ -45,7 +45,7 @@ def test_block_tuning_moves_only_the_tables_and_never_raises_the_block_error():
     config = CMPQConfig(bits=2.5, kmeans_iters=5)
     plain, tuned = make_tiny_model("llama"), make_tiny_model("llama")
     report_plain = quantize(plain, config, calibration=batch, progress=False)
-    tuned_config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_tables=30, tune_lr=1e-3)
+    tuned_config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_tables=30)
     report = quantize(tuned, tuned_config, calibration=batch, progress=False)
 
     blocks = report.tuning["blocks"]
@@ -102,7 +102,7 @@ def test_model_tuning_brings_the_next_token_distribution_closer():
     results = {}
     for steps in (0, 40):
         model = make_tiny_model("qwen2")
-        config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_model=steps, tune_lr=3e-4)
+        config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_model=steps)
         report = quantize(model, config, calibration=batch, progress=False)
         results[steps] = (_kl_to(teacher, model, batch), report)
     (plain, report_plain), (tuned, report) = results[0], results[40]

@@ -234,7 +234,7 @@ def quantize_cmpq(
         if owned:
             workdir.remove()
     if teacher is not None:
-        steps, lr = config.tune_model, config.tune_lr
+        steps, lr = config.tune_model, config.tune_model_lr
         tuning = tune_model_tables(model, teacher, calibration, steps, lr, progress)
         report.tuning["model"] = dataclasses.asdict(tuning)
         del teacher
@@ -500,7 +500,7 @@ class _Run:
         if io is not None and self.config.tune_tables:
             tuning = tune_block_tables(
                 block, io.hidden, io.kwargs, io.outputs, self.config.tune_tables,
-                self.config.tune_lr,
+                self.config.tune_tables_lr,
             )  # fmt: skip
             self.tuning[full] = dataclasses.asdict(tuning)
         self.sink.write(index, block)
@@ -674,7 +674,8 @@ def quantize(
     if isinstance(config, RTNConfig):
         return quantize_rtn(model, config, progress)
     if isinstance(config, CMPQConfig):
-        if calibration is None and stats is None:
+        tuned = config.tune_tables > 0 or config.tune_model > 0  # these need the windows too
+        if calibration is None and (stats is None or tuned):
             if tokenizer is None:
                 raise CmpqError("CMPQ needs `calibration` windows or a `tokenizer` to sample them")
             calibration = calibration_batch(tokenizer, model, config)

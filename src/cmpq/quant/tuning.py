@@ -35,6 +35,7 @@ from ..models.graph import replace_module
 from ..runtime.qlinear import QuantizedLinear, quantized_layers
 
 CHECK_WINDOWS = 16  # calibration windows the block's error is checked on, before and after
+WINDOWS_PER_STEP = 1  # calibration windows per step of block tuning
 
 
 class TunableLinear(nn.Module):
@@ -118,8 +119,8 @@ def tune_block_tables(
     """Fit ``block``'s tables (its linears already quantized) so its output on each
     window of ``hidden`` comes closer to ``targets`` (the full-precision block's).
 
-    Each step takes the next batch of windows (:func:`windows_per_forward` of them,
-    cycling); Adam with a cosine decay of ``lr``. The error is checked on the first
+    Each step takes the next :data:`WINDOWS_PER_STEP` windows (cycling); Adam with a
+    cosine decay of ``lr``. The error is checked on the first
     :data:`CHECK_WINDOWS` windows with the fp16 tables before and after: tables that
     did not lower it are restored.
     """
@@ -149,10 +150,9 @@ def tune_block_tables(
         parameters = [t.table for t in tunables.values()]
         optimizer = torch.optim.Adam(parameters, lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps))
-        batches = math.ceil(len(hidden) / size)
         for step in range(steps):
-            start = (step % batches) * size
-            x, t = batch(range(start, min(start + size, len(hidden))))
+            start = (step * WINDOWS_PER_STEP) % len(hidden)
+            x, t = batch(range(start, min(start + WINDOWS_PER_STEP, len(hidden))))
             loss = relative_error(run_block(block, x, kwargs), t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
