@@ -242,7 +242,37 @@ BLOCKS = {
     "quantize-time": quantize_time,
     "peers-smollm2-135m": lambda: comparison("smollm2-135m"),
     "peers-gemma3-270m": lambda: comparison("gemma3-270m"),
+    "levers-smollm2-135m": lambda: levers("smollm2-135m"),
 }
+
+
+LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the README names them
+    ("+ sequential calibration", "sequential"),
+    ("+ tuned tables (blocks, 48 steps)", "tuned tables: blocks 48"),
+    ("+ tuned tables (model KL, 60 steps)", "tuned tables: model 60"),
+    ("+ tuned tables (blocks 48 + model 60)", "blocks 48 + model 60"),
+]
+
+
+def levers(model: str = "smollm2-135m") -> list[str]:
+    """WikiText-2 perplexity of the defaults and of each lever on top, with the
+    quantization seconds (calibration statistics shared, so not counted)."""
+    measured = by_setting(load(f"levers-{model}-column"))
+    defaults = by_setting(load(f"peers-{model}"))
+    lines = [
+        "| bits | defaults | " + " | ".join(label for _, label in LEVER_COLUMNS) + " | commits |",
+        "|---" * (len(LEVER_COLUMNS) + 3) + "|",
+    ]
+    for bits in sorted({e["config"]["bits"] for e in measured.values()}):
+        default = defaults[f"{DEFAULT}{bits}"]
+        cells, commits = [f"{default['wikitext2']:.2f} ({default['seconds']:.0f} s)"], []
+        for setting, _ in LEVER_COLUMNS:
+            entry = measured.get(f"{bits} bits: {setting}")
+            cells.append(f"{entry['wikitext2']:.2f} ({entry['seconds']:.0f} s)" if entry else "—")
+            commits += [commit_of(entry)] if entry else []
+        commit_cell = f"{commit_of(default)} / {' '.join(sorted(set(commits)))}"
+        lines.append(f"| {bits} | " + " | ".join(cells) + f" | {commit_cell} |")
+    return lines
 
 
 def render(text: str) -> str:

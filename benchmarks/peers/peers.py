@@ -75,8 +75,12 @@ def gptq(model, setting: dict, context: PeerContext) -> PeerResult:
     # (gptqmodel's default runs one per sub-module group, 4-5 per block).
     # act order, symmetry and damping as the setting asks (issue 18: each GPTQ setting
     # runs act order on and off, symmetric and not, damping 0.01 and 0.05); a setting
-    # without them takes gptqmodel's defaults
+    # without them takes gptqmodel 7.6's defaults (desc_act off but its group-aware
+    # reordering on, symmetric, damping 0.05). The grid turns group-aware reordering
+    # off, so "act order off" is GPTQ's column order.
     tuned = {k: setting[k] for k in ("desc_act", "sym", "damp_percent") if k in setting}
+    if tuned:
+        tuned["act_group_aware"] = False
     config = QuantizeConfig(
         bits=setting["bits"],
         group_size=setting["group"],

@@ -50,6 +50,8 @@ def same_files(a: Path, b: Path) -> list[str]:
         ("opt", {"allocation": "rd", "bits": 2.7}),
         ("gpt2", {"allocation": "paper", "sequential": True}),
         ("qwen2", {"error_feedback": False}),
+        ("llama", {"sequential": True}),  # rd-layer + error feedback, sequential
+        ("mistral", {"tune_tables": 4}),  # tables tuned to each block's outputs
     ],
 )
 def test_streamed_output_equals_the_in_memory_output_byte_for_byte(tmp_path, arch, options):
