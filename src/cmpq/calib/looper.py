@@ -164,15 +164,21 @@ def block_device(block: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def map_tensors(value, fn):
+    """``value`` (a tensor, or tuples, lists and dicts of them) with ``fn`` applied to
+    each tensor."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def on_device(value, device: torch.device):
     """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(on_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: on_device(v, device) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

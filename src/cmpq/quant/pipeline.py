@@ -479,8 +479,7 @@ class _Run:
         if self.grams_on_disk:  # read from disk only while its operator is made
             grams = self.workdir.gram_loaders(index, local=self.executor.same_machine)
         else:
-            grams = {n: _gram_of(walked, n) if _gram_of(walked, n) is not None
-                     else _gram_of(planned, n) for n in names}  # fmt: skip
+            grams = {n: _gram_of(walked, n, default=_gram_of(planned, n)) for n in names}
         full = f"{self.prefix}.{index}"
         statistics = {n: seen[n].statistic(self.config.statistic).cpu() for n in names}
         energies = {n: seen[n].energy() for n in names}
@@ -508,8 +507,10 @@ class _Run:
         self.workdir.drop_grams(index)
 
 
-def _gram_of(stats: dict[str, ChannelStats], name: str) -> torch.Tensor | None:
-    return stats[name].gram if name in stats else None
+def _gram_of(stats: dict[str, ChannelStats], name: str, default=None) -> torch.Tensor | None:
+    """``name``'s XᵀX in ``stats``, or ``default`` when it has none there."""
+    gram = stats[name].gram if name in stats else None
+    return default if gram is None else gram
 
 
 def on_cpu(layer: LUTLayer) -> LUTLayer:

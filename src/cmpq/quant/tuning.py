@@ -6,7 +6,7 @@ at no cost in storage. Two passes use this (docs/decisions.md):
 
 * :func:`tune_block_tables`: after a block is quantized, its tables are fit to
   the full-precision block's outputs on the calibration inputs (mean squared
-  error relative to the outputs' energy), one batch of windows per step; tables
+  error relative to the outputs' energy), one window per step; tables
   that do not lower the error on the windows checked are put back as they were.
 * :func:`tune_model_tables`: all tables of a quantized model at once, to the
   full-precision model's next-token distribution (per-token KL), one
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.looper import block_device, on_device, run_block, windows_per_forward
+from ..calib.looper import block_device, map_tensors, run_block, windows_per_forward
 from ..format.layer import table_positions
 from ..models.graph import replace_module
 from ..runtime.qlinear import QuantizedLinear, quantized_layers
@@ -125,7 +125,9 @@ def tune_block_tables(
     did not lower it are restored.
     """
     device = block_device(block)
-    kwargs = trainable_copy(on_device(kwargs, device))
+    # calibration records its inputs in inference mode; such tensors cannot take part
+    # in a backward pass, so each is cloned outside it
+    kwargs = map_tensors(kwargs, lambda tensor: tensor.to(device).clone())
     size = windows_per_forward(block, hidden[0].shape[-2])
     checked = range(min(CHECK_WINDOWS, len(hidden)))
 
@@ -166,19 +168,6 @@ def tune_block_tables(
                 for name, tunable in tunables.items():
                     tunable.table.copy_(saved[name])
     return BlockTuning(before, after, kept)
-
-
-def trainable_copy(value):
-    """``value`` (tensors, or tuples, lists and dicts of them) with each tensor cloned
-    outside inference mode: calibration records its inputs in inference mode, and
-    such tensors cannot take part in a backward pass."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple | list):
-        return type(value)(trainable_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: trainable_copy(v) for k, v in value.items()}
-    return value
 
 
 def cosine(steps: int):
