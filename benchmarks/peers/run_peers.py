@@ -129,7 +129,7 @@ def family_of(row: dict) -> str:
     """The setting a re-tuned variant belongs to (the variants of one show as its best)."""
     options = row.get("settings") or {}
     if row.get("method") == "gptq" and "desc_act" in options:
-        return f"gptq {options['bits']}-bit g{options['group']} (best of {len(GPTQ_VARIANTS)})"
+        return f"gptq {options['bits']}-bit g{options['group']} re-tuned"
     return row["setting"]
 
 
@@ -278,12 +278,21 @@ def write_outputs(model: str, rows: list[dict], command: str) -> None:
         if row.get("dataset"):
             entry[row["dataset"]] = row["ppl"]
     best: dict[str, dict] = {}  # a re-tuned setting's variants show as their best
+    tried: dict[str, int] = {}
     for row in (r for r in keyed.values() if "error" not in r):
         family = family_of(row)
+        tried[family] = tried.get(family, 0) + 1
         if family not in best or row.get("wikitext2", math.inf) < best[family].get(
             "wikitext2", math.inf
         ):
-            best[family] = {**row, "setting": family} if family != row["setting"] else row
+            best[family] = row
+    for family, row in best.items():  # say which variant won, and of how many measured
+        if family != row["setting"]:
+            variant = row["setting"].removeprefix(family.removesuffix(" re-tuned")).strip()
+            best[family] = {
+                **row,
+                "setting": f"{family} (best of {tried[family]} of {len(GPTQ_VARIANTS)}: {variant})",
+            }
     measured = sorted(best.values(), key=lambda r: r["bits"])
     failed = [r for r in keyed.values() if "error" in r]
     lines = [
