@@ -5,6 +5,7 @@
     python benchmarks/cmpq_bench.py --suite beyond     # paper/rd allocation x error feedback
     python benchmarks/cmpq_bench.py --suite outliers   # the defaults with other outlier fractions
     python benchmarks/cmpq_bench.py --suite levers     # issue 18: tuned tables, sequential
+    ... [--only "SETTING,SETTING"]                      # a few of a suite's rows
 
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
 benchmarks/results/<suite>-<model>-<layout>.{json,md,png}, updating them after
@@ -283,6 +284,9 @@ def main() -> None:
     parser.add_argument(
         "--redo", action="store_true", help="re-run rows already in the JSON (default: resume)"
     )
+    parser.add_argument(
+        "--only", default="", help="comma-separated setting names (default: the whole suite)"
+    )
     args = parser.parse_args()
     command = (
         f"python benchmarks/cmpq_bench.py --suite {args.suite} --model {args.model} "
@@ -300,9 +304,15 @@ def main() -> None:
         "ablations": (ABLATIONS, DATASETS[:1]),
         "beyond": (BEYOND, DATASETS[:1]),
         "outliers": (OUTLIERS, DATASETS[:1]),
-        "levers": (LEVERS, DATASETS[:1]),
+        "levers": (LEVERS, DATASETS),  # rows measured before C4 was added show "—"
     }[args.suite]
     done = {row["setting"] for row in results.rows}
+    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = wanted - {setting for setting, _ in plan}
+    if unknown:
+        parser.error(f"--only names settings not in the {args.suite} suite: {sorted(unknown)}")
+    if wanted:
+        plan = [(setting, config) for setting, config in plan if setting in wanted]
 
     model, tokenizer = load_model(args.model)
     params = sum(m.weight.numel() for m in quantizable_linears(model).values())
