@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint bench-peers clean
+.PHONY: demo test lint bench-peers bench-awq clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,21 @@ $(BENCH_STAMP): pyproject.toml
 	DISABLE_CUDA=1 $(BENCH_PY) -m pip install -q -c benchmarks/peers/constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-bench-peers: $(BENCH_STAMP)
+# AWQ (llm-compressor) pins an older transformers than cmpq: its own environment, which
+# the peers benchmark calls in a child process (benchmarks/peers/awq_worker.py).
+AWQ_VENV := .venv-awq
+AWQ_STAMP := $(AWQ_VENV)/.installed
+
+$(AWQ_STAMP): benchmarks/peers/awq-constraints.txt
+	$(PYTHON) -m venv $(AWQ_VENV)
+	$(AWQ_VENV)/bin/pip install -q --upgrade pip
+	$(AWQ_VENV)/bin/pip install -q torch==2.13.0
+	DISABLE_CUDA=1 $(AWQ_VENV)/bin/pip install -q -c benchmarks/peers/awq-constraints.txt llmcompressor
+	touch $(AWQ_STAMP)
+
+bench-awq: $(AWQ_STAMP)
+
+bench-peers: $(BENCH_STAMP) $(AWQ_STAMP)
 	PIP=$(BENCH_VENV)/bin/pip benchmarks/peers/build_llama_cpp.sh
 	for model in $(BENCH_MODELS); do $(BENCH_PY) benchmarks/peers/run_peers.py --model $$model || exit 1; done
 
@@ -52,4 +66,4 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build src/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(AWQ_VENV) build src/*.egg-info

@@ -122,6 +122,49 @@ def gptq(model, setting: dict, context: PeerContext) -> PeerResult:
     return PeerResult(bits, "stored tensors (qweight, qzeros, scales, g_idx)", version("gptqmodel"))
 
 
+# --- AWQ (llm-compressor, in its own environment) -------------------------------
+
+AWQ_PYTHON = HERE.parent.parent / ".venv-awq" / "bin" / "python"
+
+
+def awq(model, setting: dict, context: PeerContext) -> PeerResult:
+    """AWQ by llm-compressor, run by awq_worker.py in .venv-awq (its transformers pin
+    differs from cmpq's); the smoothed, de-quantized parameters come back to ``model``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    python = Path(os.environ.get("CMPQ_AWQ_PYTHON", AWQ_PYTHON))
+    if not python.is_file():
+        raise RuntimeError(f"AWQ needs its own environment at {python}: run `make bench-awq`")
+    calibration = context.workdir / "calibration.pt"  # the first `windows` of cmpq's
+    torch.save(context.calibration[: setting.get("windows")], calibration)
+    out = context.workdir / "awq"
+    worker = [python, HERE / "awq_worker.py", fp_checkpoint(context.model_spec), calibration]
+    run_tool([*worker, setting["bits"], setting["group"], out], context.workdir / "awq.log")
+    result = json.loads((out / "result.json").read_text())
+    linears = quantizable_linears(model)
+    missing = set(linears) - set(result["quantized"])
+    if missing:
+        raise RuntimeError(f"AWQ left {len(missing)} linears unquantized: {sorted(missing)[:3]}")
+    # AWQ rescales the norms and layers before each quantized linear: every parameter
+    # it computes with comes back, not the linears' weights alone
+    loaded = model.load_state_dict(load_file(out / "effective.safetensors"), strict=False)
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"AWQ wrote parameters the model lacks: {loaded.unexpected_keys[:3]}")
+    bits = 0
+    with safe_open(str(out / "compressed" / "model.safetensors"), "pt") as stored:
+        for key in stored.keys():  # weight_packed, weight_scale, weight_zero_point, weight_shape
+            if key.rsplit(".", 1)[0] in linears and not key.endswith(".bias"):
+                bits += tensor_bits(stored.get_tensor(key))
+    return PeerResult(
+        bits,
+        "stored tensors (weight_packed, weight_scale, weight_zero_point, weight_shape)",
+        f"llmcompressor {result['version']}",
+    )
+
+
 # --- HQQ -----------------------------------------------------------------------
 
 
@@ -302,6 +345,7 @@ def version_of_build(binaries: Path) -> str:
 
 
 ADAPTERS = {
+    "awq": awq,
     "gptq": gptq,
     "hqq": hqq,
     "torchao": torchao,
