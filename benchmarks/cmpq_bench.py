@@ -109,6 +109,9 @@ LEVER_VARIANTS = {
     "+ tuned tables (blocks 48 + model 60)": {"tune_tables": 48, "tune_model": 60},
     "+ tuned tables (model KL, 60 steps)": {"tune_model": 60},
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
+    # both stream: each block's tables fit to the full-precision block on the quantized
+    # blocks' outputs (the inputs it will get)
+    "+ sequential + tuned tables (blocks, 48 steps)": {"sequential": True, "tune_tables": 48},
 }
 LEVERS = [  # most telling first, so a cut-short run still answers the main questions
     (f"{bits} bits: {name}", {"bits": bits, **DEFAULTS, **LEVER_VARIANTS[name]})
@@ -123,6 +126,7 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (3.0, "+ tuned tables (model KL, 60 steps)"),
         (2.0, "+ tuned tables (blocks, 48 steps)"),
         (3.0, "+ tuned tables (blocks, 48 steps)"),
+        (2.5, "+ sequential + tuned tables (blocks, 48 steps)"),
     ]
 ]
 

@@ -22,8 +22,19 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- generated: ([\w.-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 DEFAULT = "cmpq rd-layer+ef "  # the setting names of cmpq's default rows in the peers plan
 PAPER = "cmpq "  # ... and of the paper method's
-PEERS = ("gptq", "hqq", "torchao", "bitsandbytes", "llama.cpp")
-PEER_NAMES = {"gptq": "GPTQ", "hqq": "HQQ", "torchao": "torchao", "bitsandbytes": "bnb"}
+PEERS = ("awq", "gptq", "hqq", "torchao", "bitsandbytes", "llama.cpp")
+PEER_NAMES = {
+    "awq": "AWQ",
+    "gptq": "GPTQ",
+    "hqq": "HQQ",
+    "torchao": "torchao",
+    "bitsandbytes": "bnb",
+}
+SQUEEZELLM = "squeezellm-style "  # SqueezeLLM's recipe from cmpq's parts: a baseline, a peer
+
+
+def is_peer(entry: dict) -> bool:
+    return entry["method"] in PEERS or entry["setting"].startswith(SQUEEZELLM)
 
 
 def load(stem: str) -> list[dict]:
@@ -64,7 +75,7 @@ def comparison(model: str) -> list[str]:
     defaults = sorted(
         (e for k, e in settings.items() if k.startswith(DEFAULT)), key=lambda e: e["bits"]
     )
-    peers = [e for e in settings.values() if e["method"] in PEERS]
+    peers = [e for e in settings.values() if is_peer(e)]
     lines = [
         f"`{model}`, WikiText-2 / C4 perplexity, 40 × 512 tokens (full precision "
         f"{pair(fp)}); bits are total stored bits per weight of the decoder linears.",
