@@ -95,6 +95,7 @@ OUTLIER_VARIANTS = {  # the defaults with other outlier fractions (O_act, O_q)
     "O_act 0.05 % only": {"outliers_q": 0.0},
     "O_act 0.05 % + O_q 0.1 %": {"outliers_q": 0.001},
     "O_act 0.05 % + O_q 1 %": {"outliers_q": 0.01},
+    "O_q 0.4 % only": {"outliers_act": 0.0},
 }
 OUTLIERS = [  # issue 18 asks for 2.0, 3.0 and 4.0 as well (and gemma3-270m: --model)
     (f"{bits} bits: {name}", {"bits": bits, **DEFAULTS, **fields})
