@@ -5,7 +5,7 @@
     python benchmarks/cmpq_bench.py --suite beyond     # paper/rd allocation x error feedback
     python benchmarks/cmpq_bench.py --suite outliers   # the defaults with other outlier fractions
     python benchmarks/cmpq_bench.py --suite levers     # issue 18: tuned tables, sequential
-    ... [--only "SETTING,SETTING"]                      # a few of a suite's rows
+    ... [--only SETTING [--only SETTING ...]]          # a few of a suite's rows
 
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
 benchmarks/results/<suite>-<model>-<layout>.{json,md,png}, updating them after
@@ -289,8 +289,8 @@ def main() -> None:
     parser.add_argument(
         "--redo", action="store_true", help="re-run rows already in the JSON (default: resume)"
     )
-    parser.add_argument(
-        "--only", default="", help="comma-separated setting names (default: the whole suite)"
+    parser.add_argument(  # repeated, not comma-separated: setting names hold commas
+        "--only", action="append", default=[], help="a setting to run (repeat for more)"
     )
     args = parser.parse_args()
     command = (
@@ -312,7 +312,7 @@ def main() -> None:
         "levers": (LEVERS, DATASETS),  # rows measured before C4 was added show "—"
     }[args.suite]
     done = {row["setting"] for row in results.rows}
-    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+    wanted = set(args.only)
     unknown = wanted - {setting for setting, _ in plan}
     if unknown:
         parser.error(f"--only names settings not in the {args.suite} suite: {sorted(unknown)}")

@@ -92,11 +92,9 @@ def plan(model: str = "") -> list[Setting]:
         for group in (64, 128)
         for desc, sym, damp in GPTQ_VARIANTS
     ]  # fmt: skip
-    settings += [  # AWQ (llm-compressor), asymmetric; on 16 of the 128 calibration windows:
-        # its scale search runs the calibration through each block 20 times, hours a
-        # setting on the CPU with all 128 (docs/decisions.md)
-        Setting(f"awq {bits}-bit g{group} ({AWQ_WINDOWS} windows)", "awq", f"AWQ g{group}",
-                {"bits": bits, "group": group, "windows": AWQ_WINDOWS})
+    settings += [  # AWQ (llm-compressor), asymmetric, on cmpq's calibration windows
+        Setting(f"awq {bits}-bit g{group}", "awq", f"AWQ g{group}",
+                {"bits": bits, "group": group})
         for bits in (4, 3, 2)
         for group in (64, 128)
     ]  # fmt: skip
@@ -124,8 +122,6 @@ def plan(model: str = "") -> list[Setting]:
     ]  # fmt: skip
     return settings
 
-
-AWQ_WINDOWS = 16
 
 # act order on and off, symmetric and asymmetric, damping 0.01 and 0.05
 GPTQ_VARIANTS = [(d, s, p) for d in (True, False) for s in (True, False) for p in (0.01, 0.05)]
