@@ -64,7 +64,7 @@ def peer_label(entry: dict) -> str:
     for method, label in PEER_NAMES.items():
         if entry["method"] == method:
             name = label + name[len(method) :] if name.startswith(method) else name
-    return name.replace("bnb nf4", "bnb NF4")
+    return name.replace("bnb nf4", "bnb NF4").replace("squeezellm", "SqueezeLLM")
 
 
 def comparison(model: str) -> list[str]:
@@ -262,6 +262,7 @@ LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the READM
     ("+ tuned tables (blocks, 48 steps)", "tuned tables: blocks 48"),
     ("+ tuned tables (model KL, 60 steps)", "tuned tables: model 60"),
     ("+ tuned tables (blocks 48 + model 60)", "blocks 48 + model 60"),
+    ("+ sequential + tuned tables (blocks, 48 steps)", "sequential + blocks 48"),
 ]
 
 
