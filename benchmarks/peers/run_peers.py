@@ -294,7 +294,8 @@ def write_outputs(model: str, rows: list[dict], command: str) -> None:
             best[family] = row
     for family, row in best.items():  # say which variant won, and of how many measured
         if family != row["setting"]:
-            variant = row["setting"].removeprefix(family.removesuffix(" re-tuned")).strip()
+            options = row["settings"]
+            variant = variant_name(options["desc_act"], options["sym"], options["damp_percent"])
             best[family] = {
                 **row,
                 "setting": f"{family} (best of {tried[family]} of {len(GPTQ_VARIANTS)}: {variant})",
