@@ -88,12 +88,12 @@ def in_cli_words(message: str) -> str:
     return re.sub(r"`([a-z_]+)`", flag, message)
 
 
-def _none_or_int(word: str):
-    def parse(value: str) -> int | None:
+def _none_or(word: str, kind: type):
+    def parse(value: str) -> int | float | None:
         if value == word:
             return None
         try:
-            return int(value)
+            return kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected a number or {word!r}, got {value!r}"
@@ -104,6 +104,8 @@ def _none_or_int(word: str):
 
 def _argument(field: dataclasses.Field, help_text: str) -> dict:
     """argparse keywords for one config field (no default: only given options are set)."""
+    # argparse reads % in help as a format: the help says "0.4 %"
+    help_text = help_text.replace("%", "%%")
     options = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
     if isinstance(field.default, bool):
         if field.metadata.get("optional"):
@@ -113,7 +115,8 @@ def _argument(field: dataclasses.Field, help_text: str) -> dict:
             "action": "store_false" if field.metadata.get("negate") else "store_true",
         }
     if "none" in field.metadata:
-        return {**options, "type": _none_or_int(field.metadata["none"])}
+        kind = float if str(field.type).startswith("float") else int
+        return {**options, "type": _none_or(field.metadata["none"], kind)}
     if "choices" in field.metadata:
         options["choices"] = field.metadata["choices"]
     return {**options, "type": type(field.default)}
@@ -122,7 +125,8 @@ def _argument(field: dataclasses.Field, help_text: str) -> dict:
 def _help(field: dataclasses.Field) -> str:
     if isinstance(field.default, bool) and not field.metadata.get("optional"):
         return field.metadata["help"]
-    return f"{field.metadata['help']} (default: {field.default})"
+    default = field.metadata["none"] if field.default is None else field.default
+    return f"{field.metadata['help']} (default: {default})"
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

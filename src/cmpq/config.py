@@ -60,23 +60,49 @@ def check_rtn_options(bits: int, group_size: int | None) -> None:
         raise CmpqError(f"`group_size` must be a positive number of columns (got {group_size})")
 
 
+# The paper's outliers, about 0.45 % of the weights in fp16: O_act 0.05 % + O_q 0.4 %
+# (cmpq's defaults at every budget until issue 18; now only up to 2.5 bits).
+PAPER_OUTLIERS = {"outliers_act": 0.0005, "outliers_q": 0.004}
 # The CMPQ paper's method, as the defaults were before rd-layer allocation and
 # error feedback measured better (docs/decisions.md): CMPQConfig(**PAPER_METHOD).
-PAPER_METHOD = {"allocation": "paper", "error_feedback": False}
+PAPER_METHOD = {"allocation": "paper", "error_feedback": False, **PAPER_OUTLIERS}
 # SqueezeLLM's recipe from cmpq's parts, the baseline the CMPQ paper compares against:
 # one integer code width in every layer, one non-uniform table per output row fit by
 # sensitivity-weighted k-means (here weighted by activation energy, not SqueezeLLM's
 # Fisher information), 0.45 % dense-and-sparse fp16 outliers, no error feedback.
 # Give it the total `bits` of the width wanted (benchmarks/peers/run_peers.py computes them).
-SQUEEZELLM_OUTLIERS = 0.0045
+SQUEEZELLM_OUTLIERS = 0.0045  # PAPER_OUTLIERS together
 SQUEEZELLM_METHOD = {
     "allocation": "paper",
     "layout": "row",
     "mixed": False,
     "error_feedback": False,
-    "outliers_act": 0.0005,
-    "outliers_q": SQUEEZELLM_OUTLIERS - 0.0005,
+    **PAPER_OUTLIERS,
 }
+
+
+# The outlier fractions (O_act, O_q) by total bits when they are not given: measured
+# best on smollm2-135m and gemma3-270m (docs/decisions.md, issue 18), outliers pay
+# for their bits at 2-2.5 bits and stop paying from 4. Linear between these points,
+# flat outside them.
+OUTLIER_FRACTIONS_BY_BITS = (
+    (2.5, PAPER_OUTLIERS["outliers_act"], PAPER_OUTLIERS["outliers_q"]),
+    (3.0, 0.0005, 0.001),
+    (4.0, 0.0, 0.0),
+)
+
+
+def default_outlier_fractions(bits: float) -> tuple[float, float]:
+    """(O_act, O_q): the fractions of weights kept in fp16 by activation magnitude and
+    by quantization error, for a budget of ``bits`` total bits per weight."""
+    points = OUTLIER_FRACTIONS_BY_BITS
+    if bits <= points[0][0]:
+        return points[0][1:]
+    for (low, *at_low), (high, *at_high) in zip(points, points[1:]):
+        if bits <= high:
+            t = (bits - low) / (high - low)
+            return tuple(a + t * (b - a) for a, b in zip(at_low, at_high, strict=True))
+    return points[-1][1:]
 
 
 @dataclass(frozen=True)
@@ -100,9 +126,17 @@ class CMPQConfig:
         choices=LAYOUTS,
     )
     statistic: str = option("l2", "activation statistic that ranks channels", choices=STATISTICS)
-    outliers_act: float = option(0.0005, "fraction of weights kept in fp16 by activation magnitude")
-    outliers_q: float = option(
-        0.004, "fraction of weights kept in fp16 by activation-weighted quantization error"
+    outliers_act: float | None = option(
+        None,
+        "fraction of weights kept in fp16 by activation magnitude "
+        "(auto: 0.05 % up to 3 bits, falling to none at 4)",
+        none="auto",
+    )
+    outliers_q: float | None = option(
+        None,
+        "fraction of weights kept in fp16 by activation-weighted quantization error "
+        "(auto: 0.4 % up to 2.5 bits, 0.1 % at 3, none from 4)",
+        none="auto",
     )
     mixed: bool = option(
         True, "one integer code width everywhere (ablation)", flag="--integer-only", negate=True
@@ -158,7 +192,7 @@ class CMPQConfig:
             )
         for name in ("outliers_act", "outliers_q"):
             value = getattr(self, name)
-            if not 0 <= value <= 0.1:
+            if value is not None and not 0 <= value <= 0.1:
                 raise CmpqError(f"`{name}` must be a fraction from 0 to 0.1 (got {value})")
         minimums = (
             ("calib_samples", 1),
@@ -180,6 +214,15 @@ class CMPQConfig:
             raise CmpqError(
                 f"`calib` must name a dataset ({', '.join(BUILTIN_DATASETS)} or a path)"
             )
+
+    @property
+    def outlier_fractions(self) -> tuple[float, float]:
+        """(O_act, O_q) as quantization uses them: the ones given, else those for ``bits``."""
+        act, q = default_outlier_fractions(self.bits)
+        return (
+            act if self.outliers_act is None else self.outliers_act,
+            q if self.outliers_q is None else self.outliers_q,
+        )
 
     def as_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}

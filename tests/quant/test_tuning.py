@@ -157,7 +157,7 @@ def test_sequential_error_feedback_equals_a_hand_written_reference():
         for name, module in linears.items():
             weight = weight_matrix(module)
             total = outlier_count(*weight.shape, allocation.outlier_fraction)
-            act = min(outlier_count(*weight.shape, config.outliers_act), total)
+            act = min(outlier_count(*weight.shape, config.outlier_fractions[0]), total)
             layer = quantize_layer_feedback(
                 weight,
                 allocation.widths[f"{prefix}.{index}.{name}"],

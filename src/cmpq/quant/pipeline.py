@@ -142,7 +142,7 @@ def plan_allocation(
     distortions: dict[str, torch.Tensor] | None = None,
 ) -> Allocation:
     """Solve the widths (from ``distortions`` for rd plans) under the total budget."""
-    outlier_fraction = config.outliers_act + config.outliers_q
+    outlier_fraction = sum(config.outlier_fractions)
     try:
         if config.allocation == "paper":
             budget = solve_budget(
@@ -551,7 +551,7 @@ def quantize_block_linears(
     once the operator is made.
     """
     linears = block_linears(block)
-    act_fraction = min(config.outliers_act, allocation.outlier_fraction)
+    act_fraction = min(config.outlier_fractions[0], allocation.outlier_fraction)
 
     def quantize_linear(name: str, operator: FeedbackOperator | None) -> LUTLayer:
         weight = weight_matrix(linears[name])
@@ -616,7 +616,7 @@ def block_distortions(
         name, module = item
         weight = weight_matrix(module).float()
         energy = measured[name].energy()
-        act = outlier_count(*weight.shape, config.outliers_act)
+        act = outlier_count(*weight.shape, config.outlier_fractions[0])
         keep = ~activation_outliers(weight, activation_scale(energy), act)
         distortion = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
         # relative to the layer's output energy, so a layer with loud activations does not
