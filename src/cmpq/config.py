@@ -98,7 +98,7 @@ def default_outlier_fractions(bits: float) -> tuple[float, float]:
     points = OUTLIER_FRACTIONS_BY_BITS
     if bits <= points[0][0]:
         return points[0][1:]
-    for (low, *at_low), (high, *at_high) in zip(points, points[1:]):
+    for (low, *at_low), (high, *at_high) in zip(points, points[1:], strict=False):
         if bits <= high:
             t = (bits - low) / (high - low)
             return tuple(a + t * (b - a) for a, b in zip(at_low, at_high, strict=True))
