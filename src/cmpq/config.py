@@ -81,10 +81,10 @@ SQUEEZELLM_METHOD = {
 }
 
 
-# The outlier fractions (O_act, O_q) by total bits when they are not given: measured
-# best on smollm2-135m and gemma3-270m (docs/decisions.md, issue 18), outliers pay
-# for their bits at 2-2.5 bits and stop paying from 4. Linear between these points,
-# flat outside them.
+# The outlier fractions (O_act, O_q) by total bits when they are not given, from
+# measurements on smollm2-135m and gemma3-270m (docs/decisions.md, issue 18): fewer
+# pay from 3 bits on both, none from 4; below 3 bits the models disagree and the
+# paper's 0.45 % is kept. Linear between these points, flat outside them.
 OUTLIER_FRACTIONS_BY_BITS = (
     (2.5, PAPER_OUTLIERS["outliers_act"], PAPER_OUTLIERS["outliers_q"]),
     (3.0, 0.0005, 0.001),
