@@ -32,7 +32,7 @@ import torch
 
 from cmpq import CMPQConfig, RTNConfig, load_model, perplexity, quantize
 from cmpq.calib.looper import collect_stats
-from cmpq.config import PAPER_METHOD
+from cmpq.config import PAPER_METHOD, PAPER_OUTLIERS
 from cmpq.memory import peak_rss_bytes
 from cmpq.models.graph import quantizable_linears
 from cmpq.models.sources import cache_dir
@@ -91,7 +91,7 @@ BEYOND = [
 DEFAULTS = {"allocation": "rd-layer", "error_feedback": True}  # cmpq's defaults (not the paper's)
 OUTLIER_VARIANTS = {  # the defaults with other outlier fractions (O_act, O_q)
     # the defaults at every budget before issue 18 (the paper's 0.45 %); now up to 2.5 bits
-    "defaults (O_act 0.05 % + O_q 0.4 %)": {"outliers_act": 0.0005, "outliers_q": 0.004},
+    "defaults (O_act 0.05 % + O_q 0.4 %)": PAPER_OUTLIERS,
     "no outliers": {"outliers_act": 0.0, "outliers_q": 0.0},
     "O_act 0.05 % only": {"outliers_act": 0.0005, "outliers_q": 0.0},
     "O_act 0.05 % + O_q 0.1 %": {"outliers_act": 0.0005, "outliers_q": 0.001},
