@@ -13,10 +13,16 @@ from cmpq.quant.executor import ThreadExecutor
 from cmpq.quant.feedback import quantize_layer_feedback
 from cmpq.quant.pipeline import block_distortions, plan_allocation, quantize, quantize_cmpq
 from cmpq.quant.tables import quantize_layer
-from cmpq.quant.tuning import TunableLinear, tune_block_tables
+from cmpq.quant.tuning import (
+    TunableLinear,
+    final_states,
+    gather_table,
+    next_token_log_probs,
+    tune_block_tables,
+)
 from cmpq.runtime.qlinear import QuantizedLinear, quantized_layers
 
-from tiny import make_tiny_model, tiny_batch
+from tiny import ARCHITECTURES, make_tiny_model, tiny_batch
 
 
 @pytest.mark.parametrize("layout", ["row", "column"])
@@ -32,6 +38,20 @@ def test_a_tunable_linear_rebuilds_exactly_the_stored_weight(layout):
     # every table entry gets the gradient of the weights that read it
     tunable.weight().sum().backward()
     assert tunable.table.grad.sum() == weight.numel() - 12
+
+
+def test_the_table_gather_has_take_s_values_and_gradient():
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(50, generator=generator, dtype=torch.float64)
+    index = torch.randint(0, 45, (30, 20), generator=generator)  # entries 45-49 never read
+    upstream = torch.randn(30, 20, generator=generator, dtype=torch.float64)
+    ours, theirs = table.clone().requires_grad_(), table.clone().requires_grad_()
+    gathered = gather_table(ours, index)
+    assert torch.equal(gathered, theirs.take(index))
+    (gathered * upstream).sum().backward()
+    (theirs.take(index) * upstream).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert ours.grad[45:].abs().sum() == 0 and ours.grad[:45].abs().sum() > 0
 
 
 def _codes_and_tables(model):
@@ -110,6 +130,16 @@ def test_model_tuning_brings_the_next_token_distribution_closer():
     assert report.tuning["model"]["steps"] == 40 and "model" not in report_plain.tuning
     assert report.stored_bits == report_plain.stored_bits
     assert all(m.lut.dtype == torch.float16 for m in quantized_layers(model).values())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_teacher_s_last_hidden_states_give_the_model_s_own_distribution(arch):
+    model = make_tiny_model(arch).eval()
+    window = tiny_batch(1, 16)[0]
+    with torch.no_grad():
+        expected = F.log_softmax(model(window[None], use_cache=False).logits[0].float(), -1)
+        ours = next_token_log_probs(model, final_states(model, window))
+    torch.testing.assert_close(ours, expected)
 
 
 def test_model_tuning_needs_the_model_whole():

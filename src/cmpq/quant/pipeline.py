@@ -10,7 +10,6 @@ each block's linears are quantized side by side (:mod:`.tables`,
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from contextlib import contextmanager
@@ -59,7 +58,7 @@ from .outliers import activation_outliers, activation_scale
 from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 from .tables import column_distortions, quantize_layer
-from .tuning import tune_block_tables, tune_model_tables
+from .tuning import teacher_states, tune_block_tables, tune_model_tables
 from .workdir import WorkDir
 
 
@@ -245,8 +244,9 @@ def quantize_cmpq(
 
 def model_teacher(
     model: nn.Module, config: CMPQConfig, calibration: torch.Tensor | None, sink
-) -> nn.Module | None:
-    """A full-precision copy of ``model`` for ``tune_model`` (``None`` when off)."""
+) -> list[torch.Tensor] | None:
+    """The full-precision ``model``'s last hidden states on the windows ``tune_model``
+    will use (``None`` when off)."""
     if not config.tune_model:
         return None
     if sink is not None:
@@ -256,7 +256,7 @@ def model_teacher(
         )
     if calibration is None:
         raise CmpqError("`tune_model` needs `calibration` windows")
-    return copy.deepcopy(model)
+    return teacher_states(model, calibration, config.tune_model)
 
 
 class _Trimming:
