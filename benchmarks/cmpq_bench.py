@@ -10,7 +10,8 @@
 Options: --model (smollm2-135m), --windows (40), --seqlen (512). Writes
 benchmarks/results/<suite>-<model>-<layout>.{json,md,png}, updating them after
 every row so an interrupted run keeps what it measured; a new run resumes,
-skipping rows already in the JSON (--redo measures them again). Calibration statistics (C4
+skipping rows already in the JSON (--redo measures them again, each replacing its
+old row once measured). Calibration statistics (C4
 train windows, the CMPQConfig defaults) are collected once from the
 full-precision model, cached on disk, and reused by every non-sequential CMPQ
 row (non-sequential CMPQ uses exactly these statistics); a row's `seconds` is
@@ -273,6 +274,12 @@ def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
     return stats, seconds
 
 
+def replace_rows(results: ResultsFile, setting: str, rows: list[dict]) -> None:
+    """``setting``'s measured ``rows`` in ``results``, in place of any it had (a re-run
+    replaces its old row only once the new one is measured)."""
+    results.rows = [row for row in results.rows if row["setting"] != setting] + rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -288,7 +295,9 @@ def main() -> None:
         "--replot", action="store_true", help="rewrite the table and plot from the saved JSON"
     )
     parser.add_argument(
-        "--redo", action="store_true", help="re-run rows already in the JSON (default: resume)"
+        "--redo",
+        action="store_true",
+        help="re-run rows already in the JSON, each replaced once measured (default: skip them)",
     )
     parser.add_argument(  # repeated, not comma-separated: setting names hold commas
         "--only", action="append", default=[], help="a setting to run (repeat for more)"
@@ -299,9 +308,7 @@ def main() -> None:
         f"--layout {args.layout} --windows {args.windows} --seqlen {args.seqlen}"
     )
     name = f"{args.suite}-{args.model}-{args.layout}"
-    results = ResultsFile.open(
-        name, None if args.replot else command, resume=args.replot or not args.redo
-    )
+    results = ResultsFile.open(name, None if args.replot else command)
     if args.replot:
         write_outputs(results, sort=args.suite == "sweep")
         return
@@ -312,7 +319,7 @@ def main() -> None:
         "outliers": (OUTLIERS, DATASETS[:1]),
         "levers": (LEVERS, DATASETS),  # rows measured before C4 was added show "—"
     }[args.suite]
-    done = {row["setting"] for row in results.rows}
+    done = set() if args.redo else {row["setting"] for row in results.rows}
     wanted = set(args.only)
     unknown = wanted - {setting for setting, _ in plan}
     if unknown:
@@ -332,7 +339,8 @@ def main() -> None:
             "seconds": 0.0,
             "peak_rss_bytes": peak_rss_bytes(),
         }
-        results.rows += evaluate_rows(model, tokenizer, ResultsFile.stamp(base), args, datasets)
+        rows = evaluate_rows(model, tokenizer, ResultsFile.stamp(base), args, datasets)
+        replace_rows(results, "fp32", rows)
         write_outputs(results, sort=args.suite == "sweep")
     gram = args.suite in ("beyond", "outliers", "levers")  # error feedback needs XᵀX
     stats, calibration_seconds = calibration_stats(model, tokenizer, args.model, gram)
@@ -362,7 +370,7 @@ def main() -> None:
             "peak_rss_bytes": report.peak_rss_bytes,
         }
         base = ResultsFile.stamp(base, config.as_dict())
-        results.rows += evaluate_rows(model, tokenizer, base, args, datasets)
+        replace_rows(results, setting, evaluate_rows(model, tokenizer, base, args, datasets))
         write_outputs(results, sort=args.suite == "sweep")
 
 
