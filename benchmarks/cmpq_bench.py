@@ -130,6 +130,11 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (2.0, "+ tuned tables (blocks, 48 steps)"),
         (3.0, "+ tuned tables (blocks, 48 steps)"),
         (2.5, "+ sequential + tuned tables (blocks, 48 steps)"),
+        # model tuning alone across the budgets issue 18 asks for (the default candidate)
+        (2.2, "+ tuned tables (model KL, 60 steps)"),
+        (3.3, "+ tuned tables (model KL, 60 steps)"),
+        (4.0, "+ tuned tables (model KL, 60 steps)"),
+        (4.5, "+ tuned tables (model KL, 60 steps)"),
     ]
 ]
 
