@@ -86,7 +86,7 @@ def quantize_checkpoint(
     is read one decoder block at a time and written as it goes, so memory holds
     one block (:mod:`cmpq.quant.streamed`); an interrupted run continues with
     ``resume``. Anything else (a ``.gguf``, a hub id, RTN, ``tune_model``, which
-    holds the full-precision model beside the quantized one) is loaded whole.
+    tunes the whole quantized model at once) is loaded whole.
     ``max_bytes`` replaces ``config.bits`` by the bits that fill that many bytes;
     ``max_shard_size`` (bytes) splits the weights into shards with an index;
     ``device`` is where the work runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
@@ -100,7 +100,7 @@ def quantize_checkpoint(
     cmpq = isinstance(config, CMPQConfig)
     if max_bytes is not None and not cmpq:
         raise CmpqError("`max_size` replaces `bits` and works with CMPQ only")
-    whole = cmpq and config.tune_model > 0  # tuning against the full-precision model
+    whole = cmpq and config.tune_model > 0  # tunes the whole quantized model at once
     if whole and resume:
         raise CmpqError(
             "`resume` cannot continue a run with `tune_model` (it loads the model whole)"

@@ -169,7 +169,7 @@ class CMPQConfig:
     tune_model: int = option(
         0,
         "steps fitting all tables to the full-precision model's next-token distribution "
-        "(0: off; holds the model twice in memory)",
+        "(0: off; needs the whole model in memory)",
     )
     tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
     tune_model_lr: float = option(3e-4, "learning rate of model table tuning (Adam, cosine decay)")
