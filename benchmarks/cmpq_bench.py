@@ -111,6 +111,7 @@ LEVER_VARIANTS = {
     "+ sequential calibration": {"sequential": True},
     "+ tuned tables (blocks 48 + model 60)": {"tune_tables": 48, "tune_model": 60},
     "+ tuned tables (model KL, 60 steps)": {"tune_model": 60},
+    "+ tuned tables (model KL, 60 steps, lr 1e-3)": {"tune_model": 60, "tune_model_lr": 1e-3},
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
     # both stream: each block's tables fit to the full-precision block on the quantized
     # blocks' outputs (the inputs it will get)
@@ -135,6 +136,7 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (3.3, "+ tuned tables (model KL, 60 steps)"),
         (4.0, "+ tuned tables (model KL, 60 steps)"),
         (4.5, "+ tuned tables (model KL, 60 steps)"),
+        (2.5, "+ tuned tables (model KL, 60 steps, lr 1e-3)"),  # lr 3e-4 was never searched
     ]
 ]
 

@@ -258,6 +258,7 @@ BLOCKS = {
     "peers-smollm2-135m": lambda: comparison("smollm2-135m"),
     "peers-gemma3-270m": lambda: comparison("gemma3-270m"),
     "levers-smollm2-135m": lambda: levers("smollm2-135m"),
+    "levers-gemma3-270m": lambda: levers("gemma3-270m"),
 }
 
 
@@ -265,6 +266,7 @@ LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the READM
     ("+ sequential calibration", "sequential"),
     ("+ tuned tables (blocks, 48 steps)", "tuned tables: blocks 48"),
     ("+ tuned tables (model KL, 60 steps)", "tuned tables: model 60"),
+    ("+ tuned tables (model KL, 60 steps, lr 1e-3)", "model 60, lr 1e-3"),
     ("+ tuned tables (blocks 48 + model 60)", "blocks 48 + model 60"),
     ("+ sequential + tuned tables (blocks, 48 steps)", "sequential + blocks 48"),
 ]
@@ -275,14 +277,20 @@ def levers(model: str = "smollm2-135m") -> list[str]:
     quantization seconds (calibration statistics shared, so not counted)."""
     measured = by_setting(load(f"levers-{model}-column"))
     defaults = by_setting(load(f"peers-{model}"))
-    lines = [
-        "| bits | defaults | " + " | ".join(label for _, label in LEVER_COLUMNS) + " | commits |",
-        "|---" * (len(LEVER_COLUMNS) + 3) + "|",
+    budgets = sorted({e["config"]["bits"] for e in measured.values()})
+    columns = [  # the levers measured on this model
+        (setting, label)
+        for setting, label in LEVER_COLUMNS
+        if any(f"{bits} bits: {setting}" in measured for bits in budgets)
     ]
-    for bits in sorted({e["config"]["bits"] for e in measured.values()}):
+    lines = [
+        "| bits | defaults | " + " | ".join(label for _, label in columns) + " | commits |",
+        "|---" * (len(columns) + 3) + "|",
+    ]
+    for bits in budgets:
         default = defaults[f"{DEFAULT}{bits}"]
         cells, commits = [f"{default['wikitext2']:.2f} ({default['seconds']:.0f} s)"], []
-        for setting, _ in LEVER_COLUMNS:
+        for setting, _ in columns:
             entry = measured.get(f"{bits} bits: {setting}")
             cells.append(f"{entry['wikitext2']:.2f} ({entry['seconds']:.0f} s)" if entry else "—")
             commits += [commit_of(entry)] if entry else []
