@@ -16,7 +16,6 @@ from cmpq.quant.tables import quantize_layer
 from cmpq.quant.tuning import (
     TunableLinear,
     final_states,
-    gather_table,
     next_token_log_probs,
     tune_block_tables,
 )
@@ -35,23 +34,32 @@ def test_a_tunable_linear_rebuilds_exactly_the_stored_weight(layout):
     assert layer.outlier_values.numel() == 12
     tunable = TunableLinear(QuantizedLinear.from_layer(layer))
     assert torch.equal(tunable.weight(), dequantize_layer(layer))
-    # every table entry gets the gradient of the weights that read it
-    tunable.weight().sum().backward()
+    # every table entry gets the gradient of the weights that read it (a sum of the
+    # outputs of x = ones: each weight's gradient is 1, the outliers' goes nowhere)
+    tunable(torch.ones(1, 24)).sum().backward()
     assert tunable.table.grad.sum() == weight.numel() - 12
 
 
-def test_the_table_gather_has_take_s_values_and_gradient():
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_tunable_linear_s_gradients_are_autograd_s_through_the_rebuilt_weight(bias):
     generator = torch.Generator().manual_seed(1)
-    table = torch.randn(50, generator=generator, dtype=torch.float64)
-    index = torch.randint(0, 45, (30, 20), generator=generator)  # entries 45-49 never read
-    upstream = torch.randn(30, 20, generator=generator, dtype=torch.float64)
-    ours, theirs = table.clone().requires_grad_(), table.clone().requires_grad_()
-    gathered = gather_table(ours, index)
-    assert torch.equal(gathered, theirs.take(index))
-    (gathered * upstream).sum().backward()
-    (theirs.take(index) * upstream).sum().backward()
-    torch.testing.assert_close(ours.grad, theirs.grad)
-    assert ours.grad[45:].abs().sum() == 0 and ours.grad[:45].abs().sum() > 0
+    weight = torch.randn(30, 20, generator=generator)
+    energy = torch.rand(20, generator=generator) + 0.1
+    bits = torch.randint(1, 4, (20,), generator=generator)
+    layer = quantize_layer(weight, bits, energy, layout="column", act_outliers=3, q_outliers=4)
+    quantized = QuantizedLinear.from_layer(layer, torch.randn(30) if bias else None)
+    tunable = TunableLinear(quantized)
+    x = torch.randn(2, 5, 20, generator=generator, requires_grad=True)
+    upstream = torch.randn(2, 5, 30, generator=generator)
+    (tunable(x) * upstream).sum().backward()
+    # the reference: autograd through take, the outliers written over, and F.linear
+    table = tunable.table.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    rebuilt = tunable.rebuild(table)
+    (F.linear(x_ref, rebuilt, tunable.bias) * upstream).sum().backward()
+    torch.testing.assert_close(tunable.table.grad, table.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert table.grad.abs().sum() > 0
 
 
 def _codes_and_tables(model):
