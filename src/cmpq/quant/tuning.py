@@ -59,7 +59,7 @@ class _TableLinear(torch.autograd.Function):
         x, table = ctx.saved_tensors
         tunable = ctx.tunable
         index = tunable.positions()
-        grad_x = grad @ tunable.rebuild(table) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ tunable.rebuild(table, index) if ctx.needs_input_grad[0] else None
         grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         if tunable.outlier_values.numel():  # outliers are stored apart: no table entry
             grad_weight[tunable.outlier_rows, tunable.outlier_cols] = 0
@@ -92,9 +92,10 @@ class TunableLinear(nn.Module):
         rows = torch.arange(self.codes.shape[0], device=self.codes.device)[:, None]
         return self.column_base + rows * self.row_stride + self.codes.long()
 
-    def rebuild(self, table: torch.Tensor) -> torch.Tensor:
-        """The weight from ``table`` (this linear's, or values for it), outliers in place."""
-        weight = table.take(self.positions())
+    def rebuild(self, table: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight from ``table`` (this linear's, or values for it), outliers in
+        place; ``positions``: :meth:`positions`, when the caller has them already."""
+        weight = table.take(self.positions() if positions is None else positions)
         if self.outlier_values.numel():
             weight = weight.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values)
         return weight
