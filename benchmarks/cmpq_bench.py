@@ -39,7 +39,7 @@ from cmpq.models.graph import quantizable_linears
 from cmpq.models.sources import cache_dir
 from cmpq.quant.pipeline import calibration_batch
 
-from results import ResultsFile, code_version, commit_of
+from results import ResultsFile, code_version, commit_of, replaced
 
 DATASETS = ("wikitext2", "c4")
 SWEEP = [  # most telling first, so a cut-short run still answers the main questions
@@ -281,12 +281,6 @@ def calibration_stats(model, tokenizer, model_name: str, gram: bool = False):
     return stats, seconds
 
 
-def replace_rows(results: ResultsFile, setting: str, rows: list[dict]) -> None:
-    """``setting``'s measured ``rows`` in ``results``, in place of any it had (a re-run
-    replaces its old row only once the new one is measured)."""
-    results.rows = [row for row in results.rows if row["setting"] != setting] + rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -347,7 +341,7 @@ def main() -> None:
             "peak_rss_bytes": peak_rss_bytes(),
         }
         rows = evaluate_rows(model, tokenizer, ResultsFile.stamp(base), args, datasets)
-        replace_rows(results, "fp32", rows)
+        results.rows = replaced(results.rows, "fp32", rows)
         write_outputs(results, sort=args.suite == "sweep")
     gram = args.suite in ("beyond", "outliers", "levers")  # error feedback needs XᵀX
     stats, calibration_seconds = calibration_stats(model, tokenizer, args.model, gram)
@@ -377,7 +371,8 @@ def main() -> None:
             "peak_rss_bytes": report.peak_rss_bytes,
         }
         base = ResultsFile.stamp(base, config.as_dict())
-        replace_rows(results, setting, evaluate_rows(model, tokenizer, base, args, datasets))
+        rows = evaluate_rows(model, tokenizer, base, args, datasets)
+        results.rows = replaced(results.rows, setting, rows)
         write_outputs(results, sort=args.suite == "sweep")
 
 

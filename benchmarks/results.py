@@ -130,6 +130,12 @@ def commit_of(row: dict) -> str:
     return row.get("commit") or UNRECORDED
 
 
+def replaced(rows: list[dict], setting: str, new: list[dict]) -> list[dict]:
+    """``rows`` with ``setting``'s rows replaced by ``new`` (a re-run replaces its old
+    rows only once the new ones are measured)."""
+    return [row for row in rows if row["setting"] != setting] + new
+
+
 def provenance_lines(rows: Iterable[dict]) -> list[str]:
     """What the markdown says above the table about where its rows come from."""
     rows = list(rows)

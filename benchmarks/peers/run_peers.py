@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the shared results writer and cmpq_bench's statistics
 
-from results import ResultsFile, commit_of  # noqa: E402
+from results import ResultsFile, commit_of, replaced  # noqa: E402
 
 DATASETS = ("wikitext2", "c4")
 PLOT_CEILING = 3000.0  # perplexities above this are off the plot (they are in the table)
@@ -435,7 +435,7 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {setting.key} ...", flush=True)
         new = run_setting(args.model, setting, args)
         # re-read: another run of this script may have written rows meanwhile
-        rows = [row for row in load_rows(args.model) if row["setting"] != setting.key] + new
+        rows = replaced(load_rows(args.model), setting.key, new)
         write_outputs(args.model, rows, command)
         for row in new:
             if "error" in row:
