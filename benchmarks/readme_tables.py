@@ -21,6 +21,7 @@ from results import RESULTS, ROOT, commit_of
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- generated: ([\w.-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 DEFAULT = "cmpq rd-layer+ef "  # the setting names of cmpq's default rows in the peers plan
+UNTUNED = " untuned"  # ... ending so: the defaults without model tuning (the levers' baseline)
 PAPER = "cmpq "  # ... and of the paper method's
 PEERS = ("awq", "gptq", "hqq", "torchao", "bitsandbytes", "llama.cpp")
 PEER_NAMES = {
@@ -73,7 +74,8 @@ def comparison(model: str) -> list[str]:
     settings = by_setting(load(f"peers-{model}"))
     fp = settings["fp32"]
     defaults = sorted(
-        (e for k, e in settings.items() if k.startswith(DEFAULT)), key=lambda e: e["bits"]
+        (e for k, e in settings.items() if k.startswith(DEFAULT) and not k.endswith(UNTUNED)),
+        key=lambda e: e["bits"],
     )
     peers = [e for e in settings.values() if is_peer(e)]
     lines = [
@@ -273,8 +275,8 @@ LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the READM
 
 
 def levers(model: str = "smollm2-135m") -> list[str]:
-    """WikiText-2 perplexity of the defaults and of each lever on top, with the
-    quantization seconds (calibration statistics shared, so not counted)."""
+    """WikiText-2 perplexity of the defaults without model tuning and of each lever on
+    top, with the quantization seconds (calibration statistics shared, so not counted)."""
     measured = by_setting(load(f"levers-{model}-column"))
     defaults = by_setting(load(f"peers-{model}"))
     budgets = sorted({e["config"]["bits"] for e in measured.values()})
@@ -284,11 +286,14 @@ def levers(model: str = "smollm2-135m") -> list[str]:
         if any(f"{bits} bits: {setting}" in measured for bits in budgets)
     ]
     lines = [
-        "| bits | defaults | " + " | ".join(label for _, label in columns) + " | commits |",
+        "| bits | defaults, no model tuning | "
+        + " | ".join(label for _, label in columns)
+        + " | commits |",
         "|---" * (len(columns) + 3) + "|",
     ]
     for bits in budgets:
-        default = defaults[f"{DEFAULT}{bits}"]
+        default = defaults.get(f"{DEFAULT}{bits}{UNTUNED}") or defaults[f"{DEFAULT}{bits}"]
+        assert not default["config"].get("tune_model"), f"{bits}-bit baseline is tuned"
         cells, commits = [f"{default['wikitext2']:.2f} ({default['seconds']:.0f} s)"], []
         for setting, _ in columns:
             entry = measured.get(f"{bits} bits: {setting}")

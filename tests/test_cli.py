@@ -367,6 +367,26 @@ def test_outlier_fractions_follow_the_budget_unless_given():
     assert config_from_args(args).outlier_fractions == (0.001, 0.004)
 
 
+def test_model_tuning_follows_the_budget_and_where_the_model_is_unless_given():
+    from cmpq.cli import build_parser, config_from_args
+    from cmpq.config import PAPER_METHOD, CMPQConfig
+
+    steps = {
+        (bits, whole): CMPQConfig(bits=bits).with_model_tuning(whole).tune_model
+        for bits in (2.0, 2.5, 2.75, 2.8, 3.0, 4.5)
+        for whole in (True, False)
+    }
+    assert [steps[bits, True] for bits in (2.0, 2.5, 2.75, 2.8, 3.0, 4.5)] == [60, 60, 60, 0, 0, 0]
+    assert not any(steps[bits, False] for bits in (2.0, 2.5, 2.75))  # streamed: never
+    assert CMPQConfig(bits=4.0, tune_model=5).with_model_tuning(False).tune_model == 5
+    assert CMPQConfig(bits=2.0, **PAPER_METHOD).with_model_tuning(True).tune_model == 0
+    parser = build_parser()
+    auto = parser.parse_args(["quantize", "m", "--out", "o", "--tune-model", "auto"])
+    assert config_from_args(auto) == CMPQConfig()
+    off = parser.parse_args(["quantize", "m", "--out", "o", "--tune-model", "0"])
+    assert config_from_args(off).with_model_tuning(True).tune_model == 0
+
+
 def test_the_budget_decides_whether_outliers_are_stored():
     from cmpq.api import quantize
     from cmpq.config import CMPQConfig
@@ -436,4 +456,7 @@ def test_the_demo_cites_the_committed_calibration_measurements():
         assert round(measured[samples]["quantize_seconds"]) == DEMO_CALIBRATION["seconds"][samples]
     note = demo_calibration_note("smollm2-135m", 2.5, DEMO_CALIB_SAMPLES)
     assert f"{DEMO_CALIBRATION['ppl'][128]:.2f} with 128" in note
-    assert demo_calibration_note("other-model", 2.5, 16).endswith("uses 128).")
+    assert demo_calibration_note("other-model", 2.5, 16).endswith(
+        "uses 128 and 60 steps of model tuning)."
+    )
+    assert demo_calibration_note("other-model", 3.0, 16).endswith("uses 128).")

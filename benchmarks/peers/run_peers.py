@@ -121,7 +121,16 @@ def plan(model: str = "") -> list[Setting]:
                 {"bits": bits, "allocation": "rd-layer", "error_feedback": True})
         for bits in (4.5, 4.0, 3.3, 2.0, 3.0, 2.5, 2.2, *MATCHED_BITS.get(model, ()))
     ]  # fmt: skip
+    settings += [  # ... without the model tuning they do at 2.75 bits or fewer (issue 18)
+        Setting(f"cmpq rd-layer+ef {bits}{UNTUNED}", "cmpq", "cmpq (default, no model tuning)",
+                {"bits": bits, "allocation": "rd-layer", "error_feedback": True,
+                 "tune_model": 0})
+        for bits in (2.0, 2.5, 2.2)
+    ]  # fmt: skip
     return settings
+
+
+UNTUNED = " untuned"  # the suffix of the defaults' settings without model tuning
 
 
 # act order on and off, symmetric and asymmetric, damping 0.01 and 0.05
@@ -185,7 +194,7 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
         row.update(bits=report.effective_bits, peer_version=f"cmpq {version('cmpq')}",
                    bits_source="stored tensors (cmpq's report)",
                    bits_breakdown=report.as_dict()["bits_breakdown"],
-                   config=config.as_dict())  # fmt: skip
+                   config=report.config)  # fmt: skip
     else:
         from peers import ADAPTERS, PeerContext
 

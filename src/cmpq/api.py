@@ -17,6 +17,7 @@ from .eval.generation import generate
 from .eval.perplexity import perplexity
 from .format.checkpoint import check_free_space, check_output_dir
 from .format.description import is_cmpq_output
+from .memory import available_memory_bytes
 from .models.devices import resolve_device
 from .models.sources import load_pretrained, local_checkpoint
 from .models.streaming import open_streamed
@@ -66,6 +67,19 @@ def load(path, backend: str | None = None, embedding_dtype: str = "bfloat16"):
     return load_quantized(Path(path), backend, embedding_dtype)
 
 
+# Peak memory of model tuning per parameter of the model: its fp32 weights, the
+# quantized model and one window's activations and gradients. Measured 31 and 27 bytes
+# on smollm2-135m and gemma3-270m (4.15 and 7.23 GB peak RSS, issue 18); rounded up.
+MODEL_TUNING_BYTES_PER_PARAMETER = 32
+
+
+def fits_model_tuning(model) -> bool:
+    """Whether tuning ``model`` (a skeleton will do: parameters on the meta device)
+    whole should fit in the memory available now."""
+    parameters = sum(p.numel() for p in model.parameters())
+    return parameters * MODEL_TUNING_BYTES_PER_PARAMETER <= available_memory_bytes()
+
+
 def quantize_checkpoint(
     spec: str,
     out,
@@ -86,7 +100,9 @@ def quantize_checkpoint(
     is read one decoder block at a time and written as it goes, so memory holds
     one block (:mod:`cmpq.quant.streamed`); an interrupted run continues with
     ``resume``. Anything else (a ``.gguf``, a hub id, RTN, ``tune_model``, which
-    tunes the whole quantized model at once) is loaded whole.
+    tunes the whole quantized model at once) is loaded whole. ``tune_model`` auto
+    tunes (at or under 2.75 bits) a local checkpoint only when tuning it whole fits
+    in the memory available (:func:`fits_model_tuning`) and ``resume`` is not asked.
     ``max_bytes`` replaces ``config.bits`` by the bits that fill that many bytes;
     ``max_shard_size`` (bytes) splits the weights into shards with an index;
     ``device`` is where the work runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
@@ -100,12 +116,7 @@ def quantize_checkpoint(
     cmpq = isinstance(config, CMPQConfig)
     if max_bytes is not None and not cmpq:
         raise CmpqError("`max_size` replaces `bits` and works with CMPQ only")
-    whole = cmpq and config.tune_model > 0  # tunes the whole quantized model at once
-    if whole and resume:
-        raise CmpqError(
-            "`resume` cannot continue a run with `tune_model` (it loads the model whole)"
-        )
-    path = local_checkpoint(spec) if cmpq and not whole else None
+    path = local_checkpoint(spec) if cmpq else None
     streamed = open_streamed(path) if path is not None else None
     if streamed is None and resume:
         raise CmpqError(
@@ -117,6 +128,16 @@ def quantize_checkpoint(
     )
     if max_bytes is not None:
         config = dataclasses.replace(config, bits=bits_for_size(model, max_bytes))
+    if cmpq and config.tune_model is None:  # auto: tuned when the model can be held whole
+        whole = streamed is None or (not resume and fits_model_tuning(model))
+        config = config.with_model_tuning(whole)
+    if cmpq and config.tune_model > 0 and streamed is not None:  # tunes the whole model
+        if resume:
+            raise CmpqError(
+                "`resume` cannot continue a run with `tune_model` (it loads the model whole)"
+            )
+        streamed = None
+        model, tokenizer = load_pretrained(spec)
     weights = estimated_packed_bytes(model, config.bits) if cmpq else dense_checkpoint_bytes(model)
     check_free_space(out, weights + tokenizer_bytes(tokenizer))
     if streamed is not None:

@@ -8,7 +8,7 @@ spells them; the CLI prints its own flags instead (``CmpqError.parameters``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .alloc.budget import ALLOCATIONS, MAX_TOTAL_BITS, MIN_TOTAL_BITS
 from .calib.stats import STATISTICS
@@ -65,7 +65,12 @@ def check_rtn_options(bits: int, group_size: int | None) -> None:
 PAPER_OUTLIERS = {"outliers_act": 0.0005, "outliers_q": 0.004}
 # The CMPQ paper's method, as the defaults were before rd-layer allocation and
 # error feedback measured better (docs/decisions.md): CMPQConfig(**PAPER_METHOD).
-PAPER_METHOD = {"allocation": "paper", "error_feedback": False, **PAPER_OUTLIERS}
+PAPER_METHOD = {
+    "allocation": "paper",
+    "error_feedback": False,
+    "tune_model": 0,
+    **PAPER_OUTLIERS,
+}
 # SqueezeLLM's recipe from cmpq's parts, the baseline the CMPQ paper compares against:
 # one integer code width in every layer, one non-uniform table per output row fit by
 # sensitivity-weighted k-means (here weighted by activation energy, not SqueezeLLM's
@@ -77,6 +82,7 @@ SQUEEZELLM_METHOD = {
     "layout": "row",
     "mixed": False,
     "error_feedback": False,
+    "tune_model": 0,
     **PAPER_OUTLIERS,
 }
 
@@ -103,6 +109,20 @@ def default_outlier_fractions(bits: float) -> tuple[float, float]:
             t = (bits - low) / (high - low)
             return tuple(a + t * (b - a) for a, b in zip(at_low, at_high, strict=True))
     return points[-1][1:]
+
+
+# Model tuning when `tune_model` is not given: 60 steps at or under 2.75 total bits, and
+# only when the whole model is in memory (a streamed checkpoint is never tuned). Measured
+# on smollm2-135m and gemma3-270m (docs/decisions.md, issue 18): it pays on both models
+# and both texts to 2.5 bits; at 3.0 gemma3 overfits the calibration text (WikiText-2
+# worse), so the cut sits between them.
+AUTO_TUNE_MODEL_STEPS = 60
+AUTO_TUNE_MODEL_MAX_BITS = 2.75
+
+
+def default_tune_model_steps(bits: float) -> int:
+    """Model-tuning steps for a budget of ``bits`` total bits when the model is whole."""
+    return AUTO_TUNE_MODEL_STEPS if bits <= AUTO_TUNE_MODEL_MAX_BITS else 0
 
 
 @dataclass(frozen=True)
@@ -166,13 +186,15 @@ class CMPQConfig:
     tune_tables: int = option(
         0, "steps fitting each block's tables to the full-precision block's outputs (0: off)"
     )
-    tune_model: int = option(
-        0,
+    tune_model: int | None = option(
+        None,
         "steps fitting all tables to the full-precision model's next-token distribution "
-        "(0: off; needs the whole model in memory)",
+        f"(0: off; auto: {AUTO_TUNE_MODEL_STEPS} up to {AUTO_TUNE_MODEL_MAX_BITS} bits when "
+        "the whole model is in memory, else off)",
+        none="auto",
     )
     tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
-    tune_model_lr: float = option(3e-4, "learning rate of model table tuning (Adam, cosine decay)")
+    tune_model_lr: float = option(1e-3, "learning rate of model table tuning (Adam, cosine decay)")
 
     method = "cmpq"
 
@@ -203,7 +225,7 @@ class CMPQConfig:
         )
         for name, least in minimums:
             value = getattr(self, name)
-            if value < least:
+            if value is not None and value < least:
                 raise CmpqError(f"`{name}` must be at least {least} (got {value})")
         for name in ("tune_tables_lr", "tune_model_lr"):
             if not 0 < getattr(self, name) <= 1:
@@ -223,6 +245,14 @@ class CMPQConfig:
             act if self.outliers_act is None else self.outliers_act,
             q if self.outliers_q is None else self.outliers_q,
         )
+
+    def with_model_tuning(self, whole: bool) -> CMPQConfig:
+        """This config with ``tune_model`` decided: as given, else (auto) the steps for
+        ``bits`` when the model is ``whole`` in memory, and none when it is streamed."""
+        if self.tune_model is not None:
+            return self
+        steps = default_tune_model_steps(self.bits) if whole else 0
+        return replace(self, tune_model=steps)
 
     def as_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}

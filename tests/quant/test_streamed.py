@@ -56,7 +56,8 @@ def same_files(a: Path, b: Path) -> list[str]:
 )
 def test_streamed_output_equals_the_in_memory_output_byte_for_byte(tmp_path, arch, options):
     source = save_checkpoint(tmp_path / "source", arch)
-    config = CMPQConfig(**{"bits": 3.3, "kmeans_iters": 5, **options})
+    # tune_model 0: a streamed run is never model-tuned (auto tunes a model held whole)
+    config = CMPQConfig(**{"bits": 3.3, "kmeans_iters": 5, "tune_model": 0, **options})
     batch = tiny_batch(4, 24)
     model, tokenizer = load_pretrained(str(source))
     report = quantize(model, config, calibration=batch, progress=False)
@@ -286,3 +287,41 @@ def test_stored_gram_matrices_read_back_exactly(tmp_path):
     )
     whole = workdir.gram_loaders(0, local=False)  # for tasks on other machines: the tensors
     assert torch.equal(whole["k"], shared.gram) and whole["q"] is whole["k"]
+
+
+@pytest.mark.parametrize(
+    ("bits", "memory", "resume", "tuned"),
+    [
+        (2.5, None, False, True),  # fits: held whole and tuned
+        (3.0, None, False, False),  # above 2.75 bits: streamed, not tuned
+        (2.5, 0, False, False),  # tuning whole would not fit: streamed instead
+        (2.5, None, True, False),  # resume continues a streamed run
+    ],
+)
+def test_auto_model_tuning_holds_the_model_whole_only_when_it_pays_and_fits(
+    tmp_path, monkeypatch, bits, memory, resume, tuned
+):
+    from cmpq import api
+
+    source = save_checkpoint(tmp_path / "source", "llama")
+    if memory is not None:
+        monkeypatch.setattr(api, "available_memory_bytes", lambda: memory)
+    streamed_runs = []
+    quantize_streamed_spy = api.quantize_streamed
+
+    def spy(streamed, config, *args, **kwargs):
+        streamed_runs.append(config)
+        return quantize_streamed_spy(streamed, config, *args, **kwargs)
+
+    monkeypatch.setattr(api, "quantize_streamed", spy)
+    if resume:
+        work_directory(tmp_path / "q").mkdir()
+    config = CMPQConfig(bits=bits, kmeans_iters=5, calib_samples=4, calib_seqlen=24)
+    report = api.quantize_checkpoint(
+        str(source), tmp_path / "q", config, resume=resume, progress=False
+    )
+    assert report.config["tune_model"] == (60 if tuned else 0)
+    assert ("model" in report.tuning) == tuned
+    assert len(streamed_runs) == (0 if tuned else 1)
+    if tuned:
+        assert report.tuning["model"]["steps"] == 60

@@ -212,6 +212,7 @@ def quantize_cmpq(
     memory they are kept in memory-mapped files in ``workdir`` instead.
     """
     start = time.perf_counter()
+    config = config.with_model_tuning(whole=sink is None)
     teacher = model_teacher(model, config, calibration, sink)
     owned = workdir is None
     workdir = WorkDir.temporary() if owned else workdir
@@ -675,6 +676,7 @@ def quantize(
     if isinstance(config, RTNConfig):
         return quantize_rtn(model, config, progress)
     if isinstance(config, CMPQConfig):
+        config = config.with_model_tuning(whole=True)
         tuned = config.tune_tables > 0 or config.tune_model > 0  # these need the windows too
         if calibration is None and (stats is None or tuned):
             if tokenizer is None:

@@ -64,6 +64,7 @@ def quantize_streamed(
     """CMPQ ``streamed`` into ``out``, one block in memory at a time (see module doc);
     ``hidden_dtype`` holds the calibration hidden states between blocks."""
     held = hidden_state_dtype(hidden_dtype)
+    config = config.with_model_tuning(whole=False)  # auto: a streamed model is not tuned
     if calibration is None:
         calibration = calibration_batch(streamed.tokenizer, streamed.model, config)
     partial = work_directory(out)
