@@ -52,7 +52,7 @@ def test_a_tunable_linear_s_gradients_are_autograd_s_through_the_rebuilt_weight(
     x = torch.randn(2, 5, 20, generator=generator, requires_grad=True)
     upstream = torch.randn(2, 5, 30, generator=generator)
     (tunable(x) * upstream).sum().backward()
-    # the reference: autograd through take, the outliers written over, and F.linear
+    # the reference: autograd through the gather, the outliers written over, and F.linear
     table = tunable.table.detach().clone().requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     rebuilt = tunable.rebuild(table)

@@ -43,10 +43,10 @@ class _TableLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` with the weight rebuilt from ``table`` by
     ``tunable``, saving only ``x`` and the table for the backward pass, which rebuilds
     the weight again: between forward and backward a linear holds no float32 weight
-    and no int64 index (12 bytes a weight with autograd's own ``take``). The tables'
-    gradient is summed per entry by ``bincount``: the same sums as ``take``'s
-    accumulating scatter, about ten times faster on the CPU (1 ms against 11 ms for
-    a 1536 x 576 weight, where that scatter took about 40 % of a tuning step)."""
+    (with autograd's own ``take``, 12 bytes a weight with its int64 index). The
+    tables' gradient is summed per entry by ``bincount``: the same sums as
+    ``take``'s accumulating scatter, about ten times faster on the CPU (1 ms against
+    11 ms for a 1536 x 576 weight, where that scatter took about 40 % of a step)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, table: torch.Tensor, tunable: TunableLinear):
@@ -58,44 +58,43 @@ class _TableLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, table = ctx.saved_tensors
         tunable = ctx.tunable
-        index = tunable.positions()
-        grad_x = grad @ tunable.rebuild(table, index) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ tunable.rebuild(table) if ctx.needs_input_grad[0] else None
         grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         if tunable.outlier_values.numel():  # outliers are stored apart: no table entry
             grad_weight[tunable.outlier_rows, tunable.outlier_cols] = 0
         flat = grad_weight.reshape(-1)
-        grad_table = torch.bincount(index.reshape(-1), flat, minlength=table.numel())
+        grad_table = torch.bincount(tunable.positions, flat, minlength=table.numel())
         return grad_x, grad_table.to(table.dtype), None
 
 
 class TunableLinear(nn.Module):
     """A quantized linear whose tables are a float32 parameter; the weight is
-    ``table[column_base + row * row_stride + codes]`` with the outliers in place,
-    rebuilt on every forward (and again in the backward pass: :class:`_TableLinear`)."""
+    ``table[positions]`` with the outliers in place, rebuilt on every forward (and
+    again in the backward pass: :class:`_TableLinear`). ``positions`` (each weight's
+    entry, ``column_base + row * row_stride + codes``, flat int32: 4 bytes a weight)
+    is computed once: rebuilding it from the codes on every rebuild took longer
+    than the gather itself."""
 
     def __init__(self, quantized: QuantizedLinear) -> None:
         super().__init__()
         layer = quantized.layer()
         device = quantized.lut.device
         codes, column_base, row_stride = table_positions(layer)
-        self.register_buffer("codes", codes.to(device))
-        self.register_buffer("column_base", column_base.to(device))
-        self.register_buffer("row_stride", row_stride.to(device))
+        rows = torch.arange(codes.shape[0])[:, None]
+        positions = column_base + rows * row_stride + codes.long()
+        self.shape = tuple(codes.shape)
+        # int32: a layer's tables hold far fewer than 2**31 entries
+        self.register_buffer("positions", positions.reshape(-1).to(device, torch.int32))
         self.register_buffer("outlier_rows", layer.outlier_rows.to(device))
         self.register_buffer("outlier_cols", layer.outlier_cols.to(device))
         self.register_buffer("outlier_values", layer.outlier_values.float().to(device))
         self.table = nn.Parameter(quantized.lut.detach().float().clone())
         self.bias = None if quantized.bias is None else quantized.bias.detach().float()
 
-    def positions(self) -> torch.Tensor:
-        """Each weight's position in the table (int64, the weight's shape)."""
-        rows = torch.arange(self.codes.shape[0], device=self.codes.device)[:, None]
-        return self.column_base + rows * self.row_stride + self.codes.long()
-
-    def rebuild(self, table: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def rebuild(self, table: torch.Tensor) -> torch.Tensor:
         """The weight from ``table`` (this linear's, or values for it), outliers in
-        place; ``positions``: :meth:`positions`, when the caller has them already."""
-        weight = table.take(self.positions() if positions is None else positions)
+        place."""
+        weight = table.index_select(0, self.positions).view(self.shape)
         if self.outlier_values.numel():
             weight = weight.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values)
         return weight
