@@ -111,7 +111,7 @@ OUTLIERS = [  # issue 18 asks for 2.0, 3.0 and 4.0 as well (and gemma3-270m: --m
 # together (tuned tables: block outputs, whole-model KL; sequential calibration)
 LEVER_VARIANTS = {
     "+ sequential calibration": {"sequential": True},
-    # lr 3e-4: the option's default when these were measured (1e-3 since)
+    # lr 3e-4, the option's default, pinned: the rows keep their meaning if it moves
     "+ tuned tables (blocks 48 + model 60)": {
         "tune_tables": 48,
         "tune_model": 60,

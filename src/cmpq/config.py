@@ -194,7 +194,7 @@ class CMPQConfig:
         none="auto",
     )
     tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
-    tune_model_lr: float = option(1e-3, "learning rate of model table tuning (Adam, cosine decay)")
+    tune_model_lr: float = option(3e-4, "learning rate of model table tuning (Adam, cosine decay)")
 
     method = "cmpq"
 
