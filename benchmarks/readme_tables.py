@@ -16,12 +16,11 @@ import json
 import re
 import sys
 
-from results import RESULTS, ROOT, commit_of
+from results import RESULTS, ROOT, UNTUNED, commit_of
 
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- generated: ([\w.-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 DEFAULT = "cmpq rd-layer+ef "  # the setting names of cmpq's default rows in the peers plan
-UNTUNED = " untuned"  # ... ending so: the defaults without model tuning (the levers' baseline)
 PAPER = "cmpq "  # ... and of the paper method's
 PEERS = ("awq", "gptq", "hqq", "torchao", "bitsandbytes", "llama.cpp")
 PEER_NAMES = {

@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 UNRECORDED = "unrecorded"  # rows measured before rows recorded their commit
 
+# the suffix of the peers plan's default settings run without model tuning (issue 18):
+# the levers tables' baseline
+UNTUNED = " untuned"
+
 
 def _git(*args: str, root: Path = ROOT) -> str:
     command = ["git", "-C", str(root), *args]

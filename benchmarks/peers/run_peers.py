@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the shared results writer and cmpq_bench's statistics
 
-from results import ResultsFile, commit_of, replaced  # noqa: E402
+from results import UNTUNED, ResultsFile, commit_of, replaced  # noqa: E402
 
 DATASETS = ("wikitext2", "c4")
 PLOT_CEILING = 3000.0  # perplexities above this are off the plot (they are in the table)
@@ -128,9 +128,6 @@ def plan(model: str = "") -> list[Setting]:
         for bits in (2.0, 2.5, 2.2)
     ]  # fmt: skip
     return settings
-
-
-UNTUNED = " untuned"  # the suffix of the defaults' settings without model tuning
 
 
 # act order on and off, symmetric and asymmetric, damping 0.01 and 0.05
