@@ -118,6 +118,12 @@ def default_outlier_fractions(bits: float) -> tuple[float, float]:
 # worse), so the cut sits between them.
 AUTO_TUNE_MODEL_STEPS = 60
 AUTO_TUNE_MODEL_MAX_BITS = 2.75
+# Model tuning's learning rate when `tune_model_lr` is not given: this fraction of each
+# linear's weight RMS, so a step moves a table by the same share on every model. A
+# fixed rate did not carry across models (docs/decisions.md, issue 18): 1e-3 beat 3e-4
+# on smollm2-135m (weight RMS ~0.19) but broke gemma3-270m (RMS ~0.04, 0.016 in
+# down_proj), where 3e-4 paid; those are 0.5 % and 0.75 % of the two models' RMS.
+RELATIVE_TUNE_MODEL_LR = 0.006
 
 
 def default_tune_model_steps(bits: float) -> int:
@@ -194,7 +200,12 @@ class CMPQConfig:
         none="auto",
     )
     tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
-    tune_model_lr: float = option(3e-4, "learning rate of model table tuning (Adam, cosine decay)")
+    tune_model_lr: float | None = option(
+        None,
+        "learning rate of model table tuning (Adam, cosine decay; auto: "
+        f"{RELATIVE_TUNE_MODEL_LR:g} of each linear's weight RMS)",
+        none="auto",
+    )
 
     method = "cmpq"
 
@@ -228,7 +239,7 @@ class CMPQConfig:
             if value is not None and value < least:
                 raise CmpqError(f"`{name}` must be at least {least} (got {value})")
         for name in ("tune_tables_lr", "tune_model_lr"):
-            if not 0 < getattr(self, name) <= 1:
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
                 raise CmpqError(f"`{name}` must be in (0, 1] (got {getattr(self, name)})")
         if not 0 < self.damp <= 1:
             raise CmpqError(f"`damp` must be in (0, 1] (got {self.damp})")

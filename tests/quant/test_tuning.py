@@ -17,6 +17,7 @@ from cmpq.quant.tuning import (
     TunableLinear,
     final_states,
     next_token_log_probs,
+    relative_rates,
     tune_block_tables,
 )
 from cmpq.runtime.qlinear import QuantizedLinear, quantized_layers
@@ -128,14 +129,14 @@ def test_model_tuning_brings_the_next_token_distribution_closer():
     batch = tiny_batch(6, 24)
     teacher = make_tiny_model("qwen2")
     results = {}
-    for steps in (0, 40):
+    for steps in (0, 60):
         model = make_tiny_model("qwen2")
         config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_model=steps)
         report = quantize(model, config, calibration=batch, progress=False)
         results[steps] = (_kl_to(teacher, model, batch), report)
-    (plain, report_plain), (tuned, report) = results[0], results[40]
+    (plain, report_plain), (tuned, report) = results[0], results[60]
     assert tuned < 0.8 * plain
-    assert report.tuning["model"]["steps"] == 40 and "model" not in report_plain.tuning
+    assert report.tuning["model"]["steps"] == 60 and "model" not in report_plain.tuning
     assert report.stored_bits == report_plain.stored_bits
     assert all(m.lut.dtype == torch.float16 for m in quantized_layers(model).values())
 
@@ -221,3 +222,24 @@ def _shapes(model):
     from cmpq.models.graph import quantizable_linears
 
     return {n: LayerShape(*weight_matrix(m).shape) for n, m in quantizable_linears(model).items()}
+
+
+def test_relative_rates_follow_each_linear_s_weight_scale():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(32, 16, generator=generator)
+    energy = torch.rand(16, generator=generator) + 0.1
+    bits = torch.full((16,), 3)
+    layers = {"small": 0.04, "large": 0.4}
+    tunables = {
+        name: TunableLinear(QuantizedLinear.from_layer(quantize_layer(s * weight, bits, energy)))
+        for name, s in layers.items()
+    }
+    rates = relative_rates(tunables, share=0.01)
+    rms = float(tunables["small"].weight().square().mean().sqrt())
+    assert rates["small"] == pytest.approx(0.01 * rms)
+    assert rms == pytest.approx(0.04, rel=0.2)  # the table rebuilds about the weight's scale
+    assert rates["large"] == pytest.approx(10 * rates["small"], rel=0.02)
+    # the config's auto rate is this rule; an explicit rate is every linear's
+    assert CMPQConfig().tune_model_lr is None and CMPQConfig(tune_model_lr=3e-4).tune_model_lr
+    with pytest.raises(CmpqError, match="`tune_model_lr` must be in"):
+        CMPQConfig(tune_model_lr=0.0)
