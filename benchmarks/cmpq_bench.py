@@ -119,6 +119,8 @@ LEVER_VARIANTS = {
     },
     "+ tuned tables (model KL, 60 steps)": {"tune_model": 60, "tune_model_lr": 3e-4},
     "+ tuned tables (model KL, 60 steps, lr 1e-3)": {"tune_model": 60, "tune_model_lr": 1e-3},
+    # the rate relative to each linear's weights (the option's auto, 0.6 % of their RMS)
+    "+ tuned tables (model KL, 60 steps, relative lr)": {"tune_model": 60, "tune_model_lr": None},
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
     # both stream: each block's tables fit to the full-precision block on the quantized
     # blocks' outputs (the inputs it will get)
@@ -144,6 +146,9 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (4.0, "+ tuned tables (model KL, 60 steps)"),
         (4.5, "+ tuned tables (model KL, 60 steps)"),
         (2.5, "+ tuned tables (model KL, 60 steps, lr 1e-3)"),  # lr 3e-4 was never searched
+        # where auto stops tuning: does the relative rate carry it past 2.75 bits?
+        (3.0, "+ tuned tables (model KL, 60 steps, relative lr)"),
+        (3.3, "+ tuned tables (model KL, 60 steps, relative lr)"),
     ]
 ]
 

@@ -266,8 +266,9 @@ BLOCKS = {
 LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the README names them
     ("+ sequential calibration", "sequential"),
     ("+ tuned tables (blocks, 48 steps)", "tuned tables: blocks 48"),
-    ("+ tuned tables (model KL, 60 steps)", "tuned tables: model 60"),
+    ("+ tuned tables (model KL, 60 steps)", "tuned tables: model 60, lr 3e-4"),
     ("+ tuned tables (model KL, 60 steps, lr 1e-3)", "model 60, lr 1e-3"),
+    ("+ tuned tables (model KL, 60 steps, relative lr)", "model 60, relative lr"),
     ("+ tuned tables (blocks 48 + model 60)", "blocks 48 + model 60"),
     ("+ sequential + tuned tables (blocks, 48 steps)", "sequential + blocks 48"),
 ]
