@@ -16,6 +16,7 @@ from cmpq.quant.tables import quantize_layer
 from cmpq.quant.tuning import (
     TunableLinear,
     final_states,
+    held_out_windows,
     next_token_log_probs,
     relative_rates,
     tune_block_tables,
@@ -137,6 +138,8 @@ def test_model_tuning_brings_the_next_token_distribution_closer():
     (plain, report_plain), (tuned, report) = results[0], results[60]
     assert tuned < 0.8 * plain
     assert report.tuning["model"]["steps"] == 60 and "model" not in report_plain.tuning
+    held = report.tuning["model"]
+    assert held["kept"] and held["held_out_after"] < held["held_out_before"]
     assert report.stored_bits == report_plain.stored_bits
     assert all(m.lut.dtype == torch.float16 for m in quantized_layers(model).values())
 
@@ -243,3 +246,24 @@ def test_relative_rates_follow_each_linear_s_weight_scale():
     assert CMPQConfig().tune_model_lr is None and CMPQConfig(tune_model_lr=3e-4).tune_model_lr
     with pytest.raises(CmpqError, match="`tune_model_lr` must be in"):
         CMPQConfig(tune_model_lr=0.0)
+
+
+def test_model_tuning_checks_on_windows_it_never_steps_on():
+    assert held_out_windows(128, 60) == (range(60), range(126, 128))
+    assert held_out_windows(6, 60) == (range(5), range(5, 6))  # a quarter when few
+    assert held_out_windows(3, 2) == (range(2), range(3, 3))  # too few: none held out
+
+
+def test_model_tuning_that_raises_the_held_out_kl_is_undone():
+    batch = tiny_batch(8, 16)
+    config = CMPQConfig(bits=3.0, kmeans_iters=5)
+    plain, wrecked = make_tiny_model("llama"), make_tiny_model("llama")
+    quantize(plain, config, calibration=batch, progress=False)
+    wrecking = CMPQConfig(bits=3.0, kmeans_iters=5, tune_model=5, tune_model_lr=1.0)
+    report = quantize(wrecked, wrecking, calibration=batch, progress=False)
+    tuning = report.tuning["model"]
+    assert tuning["held_out_after"] > tuning["held_out_before"] and not tuning["kept"]
+    _, tables_plain = _codes_and_tables(plain)
+    _, tables = _codes_and_tables(wrecked)
+    for name, luts in tables.items():
+        assert all(torch.equal(a, b) for a, b in zip(luts, tables_plain[name], strict=True))

@@ -58,7 +58,7 @@ from .outliers import activation_outliers, activation_scale
 from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 from .tables import column_distortions, quantize_layer
-from .tuning import teacher_states, tune_block_tables, tune_model_tables
+from .tuning import Teacher, teacher_states, tune_block_tables, tune_model_tables
 from .workdir import WorkDir
 
 
@@ -245,7 +245,7 @@ def quantize_cmpq(
 
 def model_teacher(
     model: nn.Module, config: CMPQConfig, calibration: torch.Tensor | None, sink
-) -> list[torch.Tensor] | None:
+) -> Teacher | None:
     """The full-precision ``model``'s last hidden states on the windows ``tune_model``
     will use (``None`` when off)."""
     if not config.tune_model:

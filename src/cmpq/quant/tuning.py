@@ -11,7 +11,9 @@ at no cost in storage. Two passes use this (docs/decisions.md):
 * :func:`tune_model_tables`: all tables of a quantized model at once, to the
   full-precision model's next-token distribution (per-token KL), one
   calibration window per step; the full-precision model is remembered by its last
-  hidden states on those windows (:func:`teacher_states`), not by a copy.
+  hidden states on those windows (:func:`teacher_states`), not by a copy. The KL
+  is checked on calibration windows held out of the steps, before and after:
+  tables that do not lower it are put back as they were.
 
 While tuning, each :class:`~cmpq.runtime.qlinear.QuantizedLinear` is swapped for
 a :class:`TunableLinear` whose weight is rebuilt from its float32 tables on every
@@ -38,6 +40,7 @@ from ..runtime.qlinear import QuantizedLinear, quantized_layers
 
 CHECK_WINDOWS = 16  # calibration windows the block's error is checked on, before and after
 WINDOWS_PER_STEP = 1  # calibration windows per step of block tuning
+HELD_OUT_WINDOWS = 2  # calibration windows model tuning checks on and never steps on
 
 
 class _TableLinear(torch.autograd.Function):
@@ -219,11 +222,26 @@ def cosine(steps: int):
 @dataclass(frozen=True)
 class ModelTuning:
     """Mean per-token KL to the full-precision model over the first and the last
-    tenth of the steps (on different windows: a trend, not a check)."""
+    tenth of the steps (on different windows: a trend, not a check), and on the
+    held-out windows before and after tuning (the check); ``kept``: whether the tuned
+    tables were kept (they lowered the held-out KL, or no window was held out)."""
 
     first_kl: float
     last_kl: float
     steps: int
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    kept: bool = True
+
+
+@dataclass
+class Teacher:
+    """The full-precision model's last hidden states, recorded before quantization:
+    on the windows the steps use (``states[i]`` for window ``i``), and on the
+    calibration windows held out of them (``held_out``, by window index)."""
+
+    states: list[torch.Tensor]
+    held_out: dict[int, torch.Tensor]
 
 
 def final_states(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -253,19 +271,49 @@ def relative_rates(
     }
 
 
-def teacher_states(model: nn.Module, windows: torch.Tensor, steps: int) -> list[torch.Tensor]:
+def held_out_windows(count: int, steps: int) -> tuple[range, range]:
+    """Of ``count`` calibration windows, those model tuning's ``steps`` step on (the
+    first ones, cycling when there are fewer) and those it checks on, never stepped
+    on: the last :data:`HELD_OUT_WINDOWS`, or a quarter of them when few."""
+    held = min(HELD_OUT_WINDOWS, count // 4)
+    return range(min(steps, count - held)), range(count - held, count)
+
+
+def teacher_states(model: nn.Module, windows: torch.Tensor, steps: int) -> Teacher:
     """The full-precision ``model``'s last hidden states on the windows
-    :func:`tune_model_tables` will use (the first ``min(steps, len(windows))``),
-    recorded before quantization: the teacher then needs no copy of the model, only
-    ``windows x seqlen x hidden`` float32 numbers (70 MB for 60 steps of 512
+    :func:`tune_model_tables` will use and check (:func:`held_out_windows`), recorded
+    before quantization: the teacher then needs no copy of the model, only ``windows
+    x seqlen x hidden`` float32 numbers (75 MB for 60 steps and 2 checks of 512
     tokens on smollm2-135m)."""
+    stepped, held = held_out_windows(len(windows), steps)
     with torch.no_grad():
-        return [final_states(model, window).float() for window in windows[:steps]]
+        return Teacher(
+            [final_states(model, windows[i]).float() for i in stepped],
+            {i: final_states(model, windows[i]).float() for i in held},
+        )
+
+
+def token_kl(model: nn.Module, window: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL of ``model``'s next-token distribution on ``window`` from the
+    full-precision model's, given as its last hidden states there (``teacher``)."""
+    with torch.no_grad():
+        target = next_token_log_probs(model, teacher)
+    log_probs = next_token_log_probs(model, final_states(model, window))
+    return F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
+
+
+def held_out_kl(model: nn.Module, windows: torch.Tensor, teacher: Teacher) -> float | None:
+    """Mean per-token KL on the held-out windows (``None`` when none was held out)."""
+    if not teacher.held_out:
+        return None
+    with torch.no_grad():
+        kls = [float(token_kl(model, windows[i], s)) for i, s in teacher.held_out.items()]
+    return sum(kls) / len(kls)
 
 
 def tune_model_tables(
     model: nn.Module,
-    teacher: list[torch.Tensor],
+    teacher: Teacher,
     windows: torch.Tensor,
     steps: int,
     lr: float | None,
@@ -273,41 +321,42 @@ def tune_model_tables(
 ) -> ModelTuning:
     """Fit every table of ``model`` (quantized) so its next-token distribution on
     ``windows`` (int64 ``[n, seqlen]``, one per step, cycling over the first
-    ``len(teacher)``) comes closer to the full-precision model's, given as its last
-    hidden states on those windows (``teacher``, from :func:`teacher_states`): Adam
-    on the per-token KL, with a cosine decay of ``lr`` (``None``: each linear's own,
-    :func:`relative_rates`); the tables end rounded to fp16."""
+    ``len(teacher.states)``) comes closer to the full-precision model's, given as its
+    last hidden states (``teacher``, from :func:`teacher_states`): Adam on the
+    per-token KL, with a cosine decay of ``lr`` (``None``: each linear's own,
+    :func:`relative_rates`). The tables end rounded to fp16, and are put back as they
+    were if they did not lower the KL on the held-out windows."""
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
     losses = []
     try:
         with tunable_tables(model) as tunables:
+            saved = {name: t.table.detach().clone() for name, t in tunables.items()}
+            before = held_out_kl(model, windows, teacher)
             rates = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
             groups = [{"params": [t.table], "lr": rates[n]} for n, t in tunables.items()]
             optimizer = torch.optim.Adam(groups)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps))
             for step in tqdm(range(steps), desc="tune tables", unit="step", disable=not progress):
-                index = step % len(teacher)
-                with torch.no_grad():
-                    target = next_token_log_probs(model, teacher[index])
-                states = final_states(model, windows[index])
-                loss = F.kl_div(
-                    next_token_log_probs(model, states),
-                    target,
-                    log_target=True,
-                    reduction="batchmean",
-                )
+                index = step % len(teacher.states)
+                loss = token_kl(model, windows[index], teacher.states[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 losses.append(float(loss.detach()))
             round_tables(tunables)
+            after = held_out_kl(model, windows, teacher)
+            kept = before is None or after < before
+            if not kept:
+                with torch.no_grad():
+                    for name, tunable in tunables.items():
+                        tunable.table.copy_(saved[name])
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
     tenth = max(1, len(losses) // 10)
     first = sum(losses[:tenth]) / tenth if losses else 0.0
     last = sum(losses[-tenth:]) / tenth if losses else 0.0
-    return ModelTuning(first, last, steps)
+    return ModelTuning(first, last, steps, before, after, kept)
