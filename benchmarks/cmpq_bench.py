@@ -381,6 +381,7 @@ def main() -> None:
             "seconds": report.seconds,
             "calibration_seconds": calibration_seconds if shared else 0.0,
             "peak_rss_bytes": report.peak_rss_bytes,
+            "tuning": report.tuning,  # block errors, model KL and its held-out check
         }
         base = ResultsFile.stamp(base, report.config)  # auto options as decided
         rows = evaluate_rows(model, tokenizer, base, args, datasets)

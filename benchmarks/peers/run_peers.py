@@ -191,7 +191,7 @@ def run_one(model_spec: str, setting: Setting, args) -> list[dict]:
         row.update(bits=report.effective_bits, peer_version=f"cmpq {version('cmpq')}",
                    bits_source="stored tensors (cmpq's report)",
                    bits_breakdown=report.as_dict()["bits_breakdown"],
-                   config=report.config)  # fmt: skip
+                   config=report.config, tuning=report.tuning)  # fmt: skip
     else:
         from peers import ADAPTERS, PeerContext
 
