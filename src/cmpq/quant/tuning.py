@@ -138,6 +138,18 @@ def round_tables(tunables: dict[str, TunableLinear]) -> None:
             tunable.table.copy_(tunable.table.half().float())
 
 
+def table_copies(tunables: dict[str, TunableLinear]) -> dict[str, torch.Tensor]:
+    """Each table as it stands, to put back with :func:`restore_tables`."""
+    return {name: tunable.table.detach().clone() for name, tunable in tunables.items()}
+
+
+def restore_tables(tunables: dict[str, TunableLinear], saved: dict[str, torch.Tensor]) -> None:
+    """Each table put back to its copy in ``saved`` (from :func:`table_copies`)."""
+    with torch.no_grad():
+        for name, tunable in tunables.items():
+            tunable.table.copy_(saved[name])
+
+
 @dataclass(frozen=True)
 class BlockTuning:
     """A block's relative output error before and after tuning, on the windows checked;
@@ -191,7 +203,7 @@ def tune_block_tables(
         return total / max(energy, 1e-30)
 
     with tunable_tables(block) as tunables:
-        saved = {name: t.table.detach().clone() for name, t in tunables.items()}
+        saved = table_copies(tunables)
         before = check_error()
         parameters = [t.table for t in tunables.values()]
         optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -208,9 +220,7 @@ def tune_block_tables(
         after = check_error()
         kept = after < before
         if not kept:
-            with torch.no_grad():
-                for name, tunable in tunables.items():
-                    tunable.table.copy_(saved[name])
+            restore_tables(tunables, saved)
     return BlockTuning(before, after, kept)
 
 
@@ -332,7 +342,7 @@ def tune_model_tables(
     losses = []
     try:
         with tunable_tables(model) as tunables:
-            saved = {name: t.table.detach().clone() for name, t in tunables.items()}
+            saved = table_copies(tunables)
             before = held_out_kl(model, windows, teacher)
             rates = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
             groups = [{"params": [t.table], "lr": rates[n]} for n, t in tunables.items()]
@@ -350,9 +360,7 @@ def tune_model_tables(
             after = held_out_kl(model, windows, teacher)
             kept = before is None or after < before
             if not kept:
-                with torch.no_grad():
-                    for name, tunable in tunables.items():
-                        tunable.table.copy_(saved[name])
+                restore_tables(tunables, saved)
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
