@@ -332,7 +332,7 @@ DEMO_CALIB_SAMPLES = 32
 
 def demo_config(bits: float, samples: int) -> CMPQConfig:
     """The demo's CMPQ: the defaults with a shorter calibration and no model tuning, so
-    it takes minutes (`cmpq quantize` tunes the tables at 2.75 bits or fewer)."""
+    it takes minutes (`cmpq quantize` tunes the tables at 3.5 bits or fewer)."""
     return CMPQConfig(bits=bits, calib_samples=samples, tune_model=0)
 
 

@@ -293,7 +293,7 @@ def test_stored_gram_matrices_read_back_exactly(tmp_path):
     ("bits", "memory", "resume", "tuned"),
     [
         (2.5, None, False, True),  # fits: held whole and tuned
-        (3.0, None, False, False),  # above 2.75 bits: streamed, not tuned
+        (4.0, None, False, False),  # above 3.5 bits: streamed, not tuned
         (2.5, 0, False, False),  # tuning whole would not fit: streamed instead
         (2.5, None, True, False),  # resume continues a streamed run
     ],
