@@ -121,11 +121,11 @@ def plan(model: str = "") -> list[Setting]:
                 {"bits": bits, "allocation": "rd-layer", "error_feedback": True})
         for bits in (4.5, 4.0, 3.3, 2.0, 3.0, 2.5, 2.2, *MATCHED_BITS.get(model, ()))
     ]  # fmt: skip
-    settings += [  # ... without the model tuning they do at 2.75 bits or fewer (issue 18)
+    settings += [  # ... without the model tuning they do at 3.5 bits or fewer (issue 18)
         Setting(f"cmpq rd-layer+ef {bits}{UNTUNED}", "cmpq", "cmpq (default, no model tuning)",
                 {"bits": bits, "allocation": "rd-layer", "error_feedback": True,
                  "tune_model": 0})
-        for bits in (2.0, 2.5, 2.2)
+        for bits in (2.0, 2.5, 2.2, 3.0, 3.3)
     ]  # fmt: skip
     return settings
 
