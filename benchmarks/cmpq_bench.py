@@ -121,6 +121,12 @@ LEVER_VARIANTS = {
     "+ tuned tables (model KL, 60 steps, lr 1e-3)": {"tune_model": 60, "tune_model_lr": 1e-3},
     # the rate relative to each linear's weights (the option's auto, 0.6 % of their RMS)
     "+ tuned tables (model KL, 60 steps, relative lr)": {"tune_model": 60, "tune_model_lr": None},
+    # the same with the norm weights tuned too (stored in fp16 as before)
+    "+ tuned tables and norms (model KL, 60 steps, relative lr)": {
+        "tune_model": 60,
+        "tune_model_lr": None,
+        "tune_norms": True,
+    },
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
     # both stream: each block's tables fit to the full-precision block on the quantized
     # blocks' outputs (the inputs it will get)
@@ -149,6 +155,10 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         # where auto stops tuning: does the relative rate carry it past 2.75 bits?
         (3.0, "+ tuned tables (model KL, 60 steps, relative lr)"),
         (3.3, "+ tuned tables (model KL, 60 steps, relative lr)"),
+        # norm weights tuned with the tables: no stored bits, no extra time to speak of
+        (2.5, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
+        (2.0, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
+        (3.0, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
     ]
 ]
 

@@ -199,6 +199,11 @@ class CMPQConfig:
         "the whole model is in memory, else off)",
         none="auto",
     )
+    tune_norms: bool = option(
+        False,
+        "model tuning also tunes the norm weights (stored in fp16 as before, no extra bits)",
+        optional=True,
+    )
     tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
     tune_model_lr: float | None = option(
         None,

@@ -18,6 +18,8 @@ from cmpq.quant.tuning import (
     final_states,
     held_out_windows,
     next_token_log_probs,
+    norm_parameters,
+    parameter_rates,
     relative_rates,
     tune_block_tables,
 )
@@ -267,3 +269,61 @@ def test_model_tuning_that_raises_the_held_out_kl_is_undone():
     _, tables = _codes_and_tables(wrecked)
     for name, luts in tables.items():
         assert all(torch.equal(a, b) for a, b in zip(luts, tables_plain[name], strict=True))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_norm_parameters_are_every_norm_s_weights_and_nothing_else(arch):
+    model = make_tiny_model(arch)
+    norms = norm_parameters(model)
+    blocks = len(decoder_blocks(model))
+    assert len({id(p) for p in norms.values()}) == len(norms)
+    assert all("norm" in name or "ln" in name for name in norms)
+    # at least one norm a block (two where attention and MLP run one after the other;
+    # phi runs them side by side on one) and a final one
+    weights = [name for name in norms if name.endswith("weight")]
+    assert len(weights) >= (1 if "phi" in type(model).__name__.lower() else 2) * blocks + 1
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert not linear_weights & {id(p) for p in norms.values()}
+
+
+def test_norm_rates_follow_each_norm_s_scale():
+    small, large = (
+        torch.nn.Parameter(torch.full((8,), 0.5)),
+        torch.nn.Parameter(torch.full((8,), 50.0)),
+    )
+    rates = parameter_rates({"small": small, "large": large}, share=0.01)
+    assert rates["small"] == pytest.approx(0.005) and rates["large"] == pytest.approx(0.5)
+
+
+def test_model_tuning_with_norms_moves_them_and_lowers_the_held_out_kl():
+    batch = tiny_batch(6, 24)
+    teacher = make_tiny_model("qwen2")
+    results = {}
+    for norms in (False, True):
+        model = make_tiny_model("qwen2")
+        config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_model=60, tune_norms=norms)
+        report = quantize(model, config, calibration=batch, progress=False)
+        results[norms] = (model, report.tuning["model"])
+    (plain, plain_tuning), (tuned, tuning) = results[False], results[True]
+    assert plain_tuning["norm_weights"] == 0
+    untouched = norm_parameters(teacher)
+    for name, parameter in norm_parameters(plain).items():  # tables only: norms as loaded
+        assert torch.equal(parameter, untouched[name].half().float())
+    moved = norm_parameters(tuned)
+    assert tuning["norm_weights"] == sum(p.numel() for p in moved.values()) > 0
+    assert any(not torch.equal(p, untouched[n].half().float()) for n, p in moved.items())
+    assert all(torch.equal(p, p.half().float()) for p in moved.values())  # stored exactly
+    assert tuning["kept"] and tuning["held_out_after"] < tuning["held_out_before"]
+
+
+def test_norms_tuned_with_tables_that_raise_the_held_out_kl_are_undone():
+    batch = tiny_batch(8, 16)
+    loaded = norm_parameters(make_tiny_model("llama"))
+    model = make_tiny_model("llama")
+    wrecking = CMPQConfig(
+        bits=3.0, kmeans_iters=5, tune_model=5, tune_model_lr=1.0, tune_norms=True
+    )
+    tuning = quantize(model, wrecking, calibration=batch, progress=False).tuning["model"]
+    assert not tuning["kept"] and tuning["norm_weights"] > 0
+    for name, parameter in norm_parameters(model).items():
+        assert torch.equal(parameter, loaded[name].half().float())

@@ -235,7 +235,9 @@ def quantize_cmpq(
             workdir.remove()
     if teacher is not None:
         steps, lr = config.tune_model, config.tune_model_lr
-        tuning = tune_model_tables(model, teacher, calibration, steps, lr, progress)
+        tuning = tune_model_tables(
+            model, teacher, calibration, steps, lr, progress, config.tune_norms
+        )
         report.tuning["model"] = dataclasses.asdict(tuning)
         del teacher
     report.seconds = time.perf_counter() - start

@@ -13,7 +13,8 @@ at no cost in storage. Two passes use this (docs/decisions.md):
   calibration window per step; the full-precision model is remembered by its last
   hidden states on those windows (:func:`teacher_states`), not by a copy. The KL
   is checked on calibration windows held out of the steps, before and after:
-  tables that do not lower it are put back as they were.
+  tables that do not lower it are put back as they were. Optionally the model's
+  norm weights move with them (:func:`norm_parameters`), stored in fp16 as before.
 
 While tuning, each :class:`~cmpq.runtime.qlinear.QuantizedLinear` is swapped for
 a :class:`TunableLinear` whose weight is rebuilt from its float32 tables on every
@@ -242,6 +243,7 @@ class ModelTuning:
     held_out_before: float | None = None
     held_out_after: float | None = None
     kept: bool = True
+    norm_weights: int = 0  # norm weights tuned with the tables (0: tables only)
 
 
 @dataclass
@@ -278,6 +280,30 @@ def relative_rates(
     return {
         name: share * float(tunable.weight().square().mean().sqrt())
         for name, tunable in tunables.items()
+    }
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights (and biases) of ``model``'s normalisation layers (RMSNorm,
+    LayerNorm: any module whose class name ends in ``Norm``), by name. They are
+    never quantized; the checkpoint stores them in fp16."""
+    return {
+        f"{module_name}.{name}": parameter
+        for module_name, module in model.named_modules()
+        if type(module).__name__.endswith("Norm")
+        for name, parameter in module.named_parameters(recurse=False)
+    }
+
+
+def parameter_rates(
+    parameters: dict[str, nn.Parameter], share: float = RELATIVE_TUNE_MODEL_LR
+) -> dict[str, float]:
+    """Each parameter's learning rate: ``share`` of its RMS, as :func:`relative_rates`
+    gives the tables (norm weights: RMS ~0.3 on smollm2-135m, ~1-120 on gemma3-270m,
+    whose norms scale by one plus the weight)."""
+    return {
+        name: share * float(parameter.detach().float().square().mean().sqrt().clamp_min(1e-3))
+        for name, parameter in parameters.items()
     }
 
 
@@ -328,17 +354,22 @@ def tune_model_tables(
     steps: int,
     lr: float | None,
     progress: bool = True,
+    norms: bool = False,
 ) -> ModelTuning:
     """Fit every table of ``model`` (quantized) so its next-token distribution on
     ``windows`` (int64 ``[n, seqlen]``, one per step, cycling over the first
     ``len(teacher.states)``) comes closer to the full-precision model's, given as its
     last hidden states (``teacher``, from :func:`teacher_states`): Adam on the
     per-token KL, with a cosine decay of ``lr`` (``None``: each linear's own,
-    :func:`relative_rates`). The tables end rounded to fp16, and are put back as they
-    were if they did not lower the KL on the held-out windows."""
+    :func:`relative_rates`). With ``norms``, the norm weights
+    (:func:`norm_parameters`) move too, at :func:`parameter_rates` (or ``lr``). The
+    tables (and norms) end rounded to fp16, and are put back as they were if they did
+    not lower the KL on the held-out windows."""
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
+    tuned_norms = norm_parameters(model) if norms else {}
+    norm_copies = {name: p.detach().clone() for name, p in tuned_norms.items()}
     losses = []
     try:
         with tunable_tables(model) as tunables:
@@ -346,6 +377,12 @@ def tune_model_tables(
             before = held_out_kl(model, windows, teacher)
             rates = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
             groups = [{"params": [t.table], "lr": rates[n]} for n, t in tunables.items()]
+            norm_rates = (
+                parameter_rates(tuned_norms) if lr is None else dict.fromkeys(tuned_norms, lr)
+            )
+            groups += [{"params": [p], "lr": norm_rates[n]} for n, p in tuned_norms.items()]
+            for parameter in tuned_norms.values():
+                parameter.requires_grad_(True)
             optimizer = torch.optim.Adam(groups)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps))
             for step in tqdm(range(steps), desc="tune tables", unit="step", disable=not progress):
@@ -357,14 +394,22 @@ def tune_model_tables(
                 schedule.step()
                 losses.append(float(loss.detach()))
             round_tables(tunables)
+            with torch.no_grad():
+                for parameter in tuned_norms.values():
+                    parameter.requires_grad_(False)
+                    parameter.copy_(parameter.half().float())  # as the checkpoint stores it
             after = held_out_kl(model, windows, teacher)
             kept = before is None or after < before
             if not kept:
                 restore_tables(tunables, saved)
+                with torch.no_grad():
+                    for name, parameter in tuned_norms.items():
+                        parameter.copy_(norm_copies[name])
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
     tenth = max(1, len(losses) // 10)
     first = sum(losses[:tenth]) / tenth if losses else 0.0
     last = sum(losses[-tenth:]) / tenth if losses else 0.0
-    return ModelTuning(first, last, steps, before, after, kept)
+    count = sum(p.numel() for p in tuned_norms.values())
+    return ModelTuning(first, last, steps, before, after, kept, count)
