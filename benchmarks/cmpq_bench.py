@@ -155,6 +155,7 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         # where auto stops tuning: does the relative rate carry it past 2.75 bits?
         (3.0, "+ tuned tables (model KL, 60 steps, relative lr)"),
         (3.3, "+ tuned tables (model KL, 60 steps, relative lr)"),
+        (4.0, "+ tuned tables (model KL, 60 steps, relative lr)"),  # past the 3.5-bit cut?
         # norm weights tuned with the tables: no stored bits, no extra time to speak of
         (2.5, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
         (2.0, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
