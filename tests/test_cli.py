@@ -292,7 +292,7 @@ def full_disk(tensors, path, metadata=None):
     raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
 
 
-QUICK_CMPQ = ("--bits", "3", "--calib-samples", "2", "--calib-seqlen", "16")
+QUICK_CMPQ = ("--bits", "4", "--calib-samples", "2", "--calib-seqlen", "16")  # streamed
 
 
 def test_a_disk_that_fills_up_while_writing_a_block_keeps_the_work(
