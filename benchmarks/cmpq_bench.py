@@ -121,6 +121,13 @@ LEVER_VARIANTS = {
     "+ tuned tables (model KL, 60 steps, lr 1e-3)": {"tune_model": 60, "tune_model_lr": 1e-3},
     # the rate relative to each linear's weights (the option's auto, 0.6 % of their RMS)
     "+ tuned tables (model KL, 60 steps, relative lr)": {"tune_model": 60, "tune_model_lr": None},
+    # the rate a share of each table entry's gaps to its neighbours (finer tables,
+    # smaller steps), not of each linear's weight RMS
+    "+ tuned tables (model KL, 60 steps, gap-relative lr)": {
+        "tune_model": 60,
+        "tune_model_lr": None,
+        "tune_model_rate": "gaps",
+    },
     # the same with the norm weights tuned too (stored in fp16 as before)
     "+ tuned tables and norms (model KL, 60 steps, relative lr)": {
         "tune_model": 60,
@@ -160,6 +167,10 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (2.5, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
         (2.0, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
         (3.0, "+ tuned tables and norms (model KL, 60 steps, relative lr)"),
+        # where the weight-relative rate failed on gemma3 (3.0, 3.3) and where it pays
+        (3.3, "+ tuned tables (model KL, 60 steps, gap-relative lr)"),
+        (2.5, "+ tuned tables (model KL, 60 steps, gap-relative lr)"),
+        (3.0, "+ tuned tables (model KL, 60 steps, gap-relative lr)"),
     ]
 ]
 

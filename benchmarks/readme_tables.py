@@ -269,6 +269,8 @@ LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the READM
     ("+ tuned tables (model KL, 60 steps)", "tuned tables: model 60, lr 3e-4"),
     ("+ tuned tables (model KL, 60 steps, lr 1e-3)", "model 60, lr 1e-3"),
     ("+ tuned tables (model KL, 60 steps, relative lr)", "model 60, relative lr"),
+    ("+ tuned tables (model KL, 60 steps, gap-relative lr)", "model 60, gap-relative lr"),
+    ("+ tuned tables and norms (model KL, 60 steps, relative lr)", "model 60 + norms, relative lr"),
     ("+ tuned tables (blocks 48 + model 60)", "blocks 48 + model 60"),
     ("+ sequential + tuned tables (blocks, 48 steps)", "sequential + blocks 48"),
 ]

@@ -124,6 +124,11 @@ AUTO_TUNE_MODEL_MAX_BITS = 3.5
 # on smollm2-135m (weight RMS ~0.19) but broke gemma3-270m (RMS ~0.04, 0.016 in
 # down_proj), where 3e-4 paid; those are 0.5 % and 0.75 % of the two models' RMS.
 RELATIVE_TUNE_MODEL_LR = 0.006
+# ... or, with `tune_model_rate` "gaps", this fraction of each table entry's distance
+# to its neighbours (`tuning.entry_gaps`): a table with more bits moves in smaller
+# steps. About the weights' 0.6 % of RMS at 2.5 bits, where the gaps are ~0.7 RMS.
+GAP_TUNE_MODEL_LR = 0.01
+TUNE_MODEL_RATES = ("weights", "gaps")
 
 
 def default_tune_model_steps(bits: float) -> int:
@@ -199,6 +204,12 @@ class CMPQConfig:
         "the whole model is in memory, else off)",
         none="auto",
     )
+    tune_model_rate: str = option(
+        "weights",
+        "what model tuning's auto learning rate is a share of: each linear's weight RMS "
+        "(weights) or each table entry's gap to its neighbours (gaps)",
+        choices=TUNE_MODEL_RATES,
+    )
     tune_norms: bool = option(
         False,
         "model tuning also tunes the norm weights (stored in fp16 as before, no extra bits)",
@@ -223,6 +234,7 @@ class CMPQConfig:
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("statistic", self.statistic, STATISTICS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_choice("tune_model_rate", self.tune_model_rate, TUNE_MODEL_RATES)
         if self.allocation != "paper" and self.layout != "column":
             raise CmpqError(
                 f"`allocation` {self.allocation} prices each input column alone: use `layout` "

@@ -15,6 +15,7 @@ from cmpq.quant.pipeline import block_distortions, plan_allocation, quantize, qu
 from cmpq.quant.tables import quantize_layer
 from cmpq.quant.tuning import (
     TunableLinear,
+    entry_gaps,
     final_states,
     held_out_windows,
     next_token_log_probs,
@@ -44,15 +45,40 @@ def test_a_tunable_linear_rebuilds_exactly_the_stored_weight(layout):
     assert tunable.table.grad.sum() == weight.numel() - 12
 
 
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_entry_gaps_are_the_mean_distance_to_each_entry_s_neighbours_in_its_table(layout):
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(12, 16, generator=generator)
+    bits = torch.randint(1, 4, (16,), generator=generator)
+    layer = quantize_layer(weight, bits, torch.ones(16), layout=layout)
+    lut = torch.randn(sum(t.numel() for t in layer.luts), generator=generator)  # no ties
+    gaps = entry_gaps(lut, layer)
+    position = 0
+    for group_bits, tables in zip(layer.group_bits, layer.luts, strict=True):
+        size = 2**group_bits
+        for start in range(position, position + tables.numel(), size):
+            table = lut[start : start + size].tolist()
+            for i, value in enumerate(table):
+                below = [value - v for v in table if v < value]
+                above = [v - value for v in table if v > value]
+                sides = [min(d) for d in (below, above) if d]
+                expected = sum(sides) / len(sides) if len(sides) == 2 else sides[0]
+                assert gaps[start + i].item() == pytest.approx(expected, rel=1e-5)
+        position += tables.numel()
+    assert position == lut.numel()
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_tunable_linear_s_gradients_are_autograd_s_through_the_rebuilt_weight(bias):
+@pytest.mark.parametrize("by_gaps", [False, True])
+def test_a_tunable_linear_s_gradients_are_autograd_s_through_the_rebuilt_weight(bias, by_gaps):
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(30, 20, generator=generator)
     energy = torch.rand(20, generator=generator) + 0.1
     bits = torch.randint(1, 4, (20,), generator=generator)
     layer = quantize_layer(weight, bits, energy, layout="column", act_outliers=3, q_outliers=4)
     quantized = QuantizedLinear.from_layer(layer, torch.randn(30) if bias else None)
-    tunable = TunableLinear(quantized)
+    tunable = TunableLinear(quantized, by_gaps)
+    assert torch.equal(tunable.fp16_table(), quantized.lut)  # the same tables either way
     x = torch.randn(2, 5, 20, generator=generator, requires_grad=True)
     upstream = torch.randn(2, 5, 30, generator=generator)
     (tunable(x) * upstream).sum().backward()
@@ -327,3 +353,14 @@ def test_norms_tuned_with_tables_that_raise_the_held_out_kl_are_undone():
     assert not tuning["kept"] and tuning["norm_weights"] > 0
     for name, parameter in norm_parameters(model).items():
         assert torch.equal(parameter, loaded[name].half().float())
+
+
+def test_model_tuning_at_rates_relative_to_the_table_gaps_lowers_the_held_out_kl():
+    batch = tiny_batch(1, 24).repeat(6, 1)  # held-out windows the same text: it must fall
+    model = make_tiny_model("qwen2")
+    config = CMPQConfig(bits=2.5, kmeans_iters=5, tune_model=60, tune_model_rate="gaps")
+    tuning = quantize(model, config, calibration=batch, progress=False).tuning["model"]
+    assert tuning["kept"] and tuning["held_out_after"] < 0.8 * tuning["held_out_before"]
+    assert all(m.lut.dtype == torch.float16 for m in quantized_layers(model).values())
+    with pytest.raises(CmpqError, match="`tune_model_rate` must be one of"):
+        CMPQConfig(tune_model_rate="bits")

@@ -236,7 +236,14 @@ def quantize_cmpq(
     if teacher is not None:
         steps, lr = config.tune_model, config.tune_model_lr
         tuning = tune_model_tables(
-            model, teacher, calibration, steps, lr, progress, config.tune_norms
+            model,
+            teacher,
+            calibration,
+            steps,
+            lr,
+            progress,
+            config.tune_norms,
+            config.tune_model_rate,
         )
         report.tuning["model"] = dataclasses.asdict(tuning)
         del teacher

@@ -34,8 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.looper import block_device, map_tensors, run_block, windows_per_forward
-from ..config import RELATIVE_TUNE_MODEL_LR
-from ..format.layer import table_positions
+from ..config import GAP_TUNE_MODEL_LR, RELATIVE_TUNE_MODEL_LR
+from ..format.layer import group_tables, table_positions
 from ..models.graph import replace_module
 from ..runtime.qlinear import QuantizedLinear, quantized_layers
 
@@ -69,6 +69,8 @@ class _TableLinear(torch.autograd.Function):
             grad_weight[tunable.outlier_rows, tunable.outlier_cols] = 0
         flat = grad_weight.reshape(-1)
         grad_table = torch.bincount(tunable.positions, flat, minlength=table.numel())
+        if tunable.scale is not None:  # the parameter is in units of each entry's scale
+            grad_table = grad_table * tunable.scale
         return grad_x, grad_table.to(table.dtype), None
 
 
@@ -78,9 +80,14 @@ class TunableLinear(nn.Module):
     again in the backward pass: :class:`_TableLinear`). ``positions`` (each weight's
     entry, ``column_base + row * row_stride + codes``, flat int32: 4 bytes a weight)
     is computed once: rebuilding it from the codes on every rebuild took longer
-    than the gather itself."""
+    than the gather itself.
 
-    def __init__(self, quantized: QuantizedLinear) -> None:
+    With ``by_gaps``, the parameter is each entry in units of its own
+    :func:`entry_gaps` (the table is ``table * scale``), so one learning rate moves
+    every entry by the same share of the gaps around it: Adam steps each parameter
+    by about the rate, whatever its gradient's size."""
+
+    def __init__(self, quantized: QuantizedLinear, by_gaps: bool = False) -> None:
         super().__init__()
         layer = quantized.layer()
         device = quantized.lut.device
@@ -93,13 +100,19 @@ class TunableLinear(nn.Module):
         self.register_buffer("outlier_rows", layer.outlier_rows.to(device))
         self.register_buffer("outlier_cols", layer.outlier_cols.to(device))
         self.register_buffer("outlier_values", layer.outlier_values.float().to(device))
-        self.table = nn.Parameter(quantized.lut.detach().float().clone())
+        lut = quantized.lut.detach().float()
+        self.scale = entry_gaps(lut, layer).to(device) if by_gaps else None
+        self.table = nn.Parameter(lut.clone() if self.scale is None else lut / self.scale)
         self.bias = None if quantized.bias is None else quantized.bias.detach().float()
+
+    def values(self, table: torch.Tensor) -> torch.Tensor:
+        """The table entries ``table`` (this linear's parameter, or values for it) stand for."""
+        return table if self.scale is None else table * self.scale
 
     def rebuild(self, table: torch.Tensor) -> torch.Tensor:
         """The weight from ``table`` (this linear's, or values for it), outliers in
         place."""
-        weight = table.index_select(0, self.positions).view(self.shape)
+        weight = self.values(table).index_select(0, self.positions).view(self.shape)
         if self.outlier_values.numel():
             weight = weight.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values)
         return weight
@@ -113,15 +126,35 @@ class TunableLinear(nn.Module):
         return _TableLinear.apply(x.float(), self.table, self).to(x.dtype)
 
     def fp16_table(self) -> torch.Tensor:
-        return self.table.detach().half()
+        return self.values(self.table.detach()).half()
+
+
+def entry_gaps(lut: torch.Tensor, layer) -> torch.Tensor:
+    """Each entry of ``lut`` (flat, float32; ``layer``'s tables) measured by its
+    neighbours in its own table: the mean of the gaps to the next entry below and
+    above (the one gap at either end), flat like ``lut``. A table gets finer with
+    every bit, so this is how far an entry can move before it takes a neighbour's
+    place. Never zero (tied entries get a thousandth of the table's mean gap)."""
+    out = torch.empty_like(lut)
+    views = group_tables(out, layer.layout, layer.out_features, layer.group_bits, layer.group_sizes)
+    entries = group_tables(
+        lut, layer.layout, layer.out_features, layer.group_bits, layer.group_sizes
+    )
+    for view, tables in zip(views, entries, strict=True):
+        ordered, order = tables.sort(dim=1)
+        steps = ordered.diff(dim=1)
+        gaps = (torch.cat([steps[:, :1], steps], 1) + torch.cat([steps, steps[:, -1:]], 1)) / 2
+        floor = steps.mean(dim=1, keepdim=True).clamp_min(1e-12) * 1e-3
+        view.scatter_(1, order, torch.maximum(gaps, floor))
+    return out
 
 
 @contextmanager
-def tunable_tables(module: nn.Module):
+def tunable_tables(module: nn.Module, by_gaps: bool = False):
     """``module``'s quantized linears swapped for :class:`TunableLinear` ones (yields
     them by name); on exit the originals are back, holding the tuned tables in fp16."""
     originals = quantized_layers(module)
-    tunables = {name: TunableLinear(q) for name, q in originals.items()}
+    tunables = {name: TunableLinear(q, by_gaps) for name, q in originals.items()}
     for name, tunable in tunables.items():
         replace_module(module, name, tunable)
     try:
@@ -136,7 +169,8 @@ def round_tables(tunables: dict[str, TunableLinear]) -> None:
     """Each table rounded to the fp16 value it will be stored as."""
     with torch.no_grad():
         for tunable in tunables.values():
-            tunable.table.copy_(tunable.table.half().float())
+            stored = tunable.values(tunable.table).half().float()
+            tunable.table.copy_(stored if tunable.scale is None else stored / tunable.scale)
 
 
 def table_copies(tunables: dict[str, TunableLinear]) -> dict[str, torch.Tensor]:
@@ -355,16 +389,19 @@ def tune_model_tables(
     lr: float | None,
     progress: bool = True,
     norms: bool = False,
+    rate: str = "weights",
 ) -> ModelTuning:
     """Fit every table of ``model`` (quantized) so its next-token distribution on
     ``windows`` (int64 ``[n, seqlen]``, one per step, cycling over the first
     ``len(teacher.states)``) comes closer to the full-precision model's, given as its
     last hidden states (``teacher``, from :func:`teacher_states`): Adam on the
-    per-token KL, with a cosine decay of ``lr`` (``None``: each linear's own,
-    :func:`relative_rates`). With ``norms``, the norm weights
-    (:func:`norm_parameters`) move too, at :func:`parameter_rates` (or ``lr``). The
-    tables (and norms) end rounded to fp16, and are put back as they were if they did
-    not lower the KL on the held-out windows."""
+    per-token KL, with a cosine decay of ``lr`` (``None``: by ``rate``, each
+    linear's own share of its weights, :func:`relative_rates`, or with ``rate``
+    "gaps" :data:`GAP_TUNE_MODEL_LR` of each entry's :func:`entry_gaps`). With
+    ``norms``, the norm weights (:func:`norm_parameters`) move too, at
+    :func:`parameter_rates` (or ``lr``). The tables (and norms) end rounded to fp16,
+    and are put back as they were if they did not lower the KL on the held-out
+    windows."""
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -372,10 +409,14 @@ def tune_model_tables(
     norm_copies = {name: p.detach().clone() for name, p in tuned_norms.items()}
     losses = []
     try:
-        with tunable_tables(model) as tunables:
+        by_gaps = lr is None and rate == "gaps"
+        with tunable_tables(model, by_gaps) as tunables:
             saved = table_copies(tunables)
             before = held_out_kl(model, windows, teacher)
-            rates = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
+            if by_gaps:
+                rates = dict.fromkeys(tunables, GAP_TUNE_MODEL_LR)
+            else:
+                rates = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
             groups = [{"params": [t.table], "lr": rates[n]} for n, t in tunables.items()]
             norm_rates = (
                 parameter_rates(tuned_norms) if lr is None else dict.fromkeys(tuned_norms, lr)
