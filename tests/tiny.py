@@ -93,7 +93,7 @@ def quantize_tiny(arch: str = "qwen2"):
     model = make_tiny_model(arch)
     batch = tiny_batch(4, 24)
     # the paper's outlier fractions, more than the defaults at 3.3 bits: both kinds stored
-    config = CMPQConfig(bits=3.3, kmeans_iters=5, **PAPER_OUTLIERS)
+    config = CMPQConfig(bits=3.3, kmeans_iters=5, tune_model=0, **PAPER_OUTLIERS)
     return model, quantize(model, config, calibration=batch, progress=False)
 
 

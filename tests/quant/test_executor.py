@@ -13,7 +13,7 @@ from tiny import make_tiny_model, tiny_batch
 
 def quantized_state(executor, arch="llama", **options):
     model = make_tiny_model(arch)
-    config = CMPQConfig(bits=3.3, kmeans_iters=5, **options)
+    config = CMPQConfig(bits=3.3, kmeans_iters=5, tune_model=0, **options)
     quantize(model, config, calibration=tiny_batch(4, 24), progress=False, executor=executor)
     return model.state_dict()
 

@@ -27,7 +27,7 @@ from cmpq.runtime.checkpoint import load_quantized, save_quantized
 from tiny import make_tiny_model, make_tiny_tokenizer, tiny_batch
 
 SHARD = 20_000  # bytes: a tiny model's output in several shards
-CONFIG = CMPQConfig(bits=3.3, kmeans_iters=5)
+CONFIG = CMPQConfig(bits=3.3, kmeans_iters=5, tune_model=0)  # streamed runs never tune
 
 
 def save_checkpoint(path: Path, arch: str) -> Path:
@@ -240,8 +240,12 @@ def test_hidden_states_in_bfloat16_give_about_the_same_model():
         quantize(make_tiny_model("llama"), CONFIG, calibration=batch, hidden_dtype="int8")
 
 
-@pytest.mark.parametrize("config", [CONFIG, CMPQConfig(bits=3.3, kmeans_iters=5, sequential=True,
-                                                       allocation="paper")])  # fmt: skip
+SEQUENTIAL_PAPER = CMPQConfig(
+    bits=3.3, kmeans_iters=5, tune_model=0, sequential=True, allocation="paper"
+)
+
+
+@pytest.mark.parametrize("config", [CONFIG, SEQUENTIAL_PAPER])
 def test_hidden_states_spilled_to_files_give_the_same_model(monkeypatch, config):
     batch = tiny_batch(4, 24)
     spilled_windows = []

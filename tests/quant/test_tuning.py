@@ -139,7 +139,9 @@ def test_tables_that_do_not_lower_the_error_are_restored():
     handle.remove()
     with torch.no_grad():
         targets = [run_block(block, h, seen) for h in hidden]
-    quantize(model, CMPQConfig(bits=3.0, kmeans_iters=5), calibration=batch, progress=False)
+    quantize(
+        model, CMPQConfig(bits=3.0, kmeans_iters=5, tune_model=0), calibration=batch, progress=False
+    )
     before = {n: m.lut.clone() for n, m in quantized_layers(block).items()}
     wrecked = tune_block_tables(block, hidden, seen, targets, steps=5, lr=1.0)
     assert wrecked.after > wrecked.before and not wrecked.kept
@@ -199,7 +201,7 @@ def test_sequential_error_feedback_equals_a_hand_written_reference():
     """rd-layer widths planned on the full-precision model; each block then quantized
     with the statistics and XᵀX of the inputs the quantized blocks before it give."""
     batch = tiny_batch(5, 20)
-    config = CMPQConfig(bits=3.0, kmeans_iters=5, sequential=True)
+    config = CMPQConfig(bits=3.0, kmeans_iters=5, sequential=True, tune_model=0)
     model = make_tiny_model("llama")
     quantize(model, config, calibration=batch, progress=False)
 
@@ -284,7 +286,7 @@ def test_model_tuning_checks_on_windows_it_never_steps_on():
 
 def test_model_tuning_that_raises_the_held_out_kl_is_undone():
     batch = tiny_batch(8, 16)
-    config = CMPQConfig(bits=3.0, kmeans_iters=5)
+    config = CMPQConfig(bits=3.0, kmeans_iters=5, tune_model=0)
     plain, wrecked = make_tiny_model("llama"), make_tiny_model("llama")
     quantize(plain, config, calibration=batch, progress=False)
     wrecking = CMPQConfig(bits=3.0, kmeans_iters=5, tune_model=5, tune_model_lr=1.0)
