@@ -459,4 +459,4 @@ def test_the_demo_cites_the_committed_calibration_measurements():
     assert demo_calibration_note("other-model", 2.5, 16).endswith(
         "uses 128 and 60 steps of model tuning)."
     )
-    assert demo_calibration_note("other-model", 3.0, 16).endswith("uses 128).")
+    assert demo_calibration_note("other-model", 4.0, 16).endswith("uses 128).")  # untuned
