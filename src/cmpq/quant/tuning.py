@@ -173,16 +173,21 @@ def round_tables(tunables: dict[str, TunableLinear]) -> None:
             tunable.table.copy_(stored if tunable.scale is None else stored / tunable.scale)
 
 
-def table_copies(tunables: dict[str, TunableLinear]) -> dict[str, torch.Tensor]:
-    """Each table as it stands, to put back with :func:`restore_tables`."""
-    return {name: tunable.table.detach().clone() for name, tunable in tunables.items()}
+def tables(tunables: dict[str, TunableLinear]) -> dict[str, nn.Parameter]:
+    """Each linear's table parameter, by the linear's name."""
+    return {name: tunable.table for name, tunable in tunables.items()}
 
 
-def restore_tables(tunables: dict[str, TunableLinear], saved: dict[str, torch.Tensor]) -> None:
-    """Each table put back to its copy in ``saved`` (from :func:`table_copies`)."""
+def copies(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter as it stands, to put back with :func:`restore`."""
+    return {name: parameter.detach().clone() for name, parameter in parameters.items()}
+
+
+def restore(parameters: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Each parameter put back to its copy in ``saved`` (from :func:`copies`)."""
     with torch.no_grad():
-        for name, tunable in tunables.items():
-            tunable.table.copy_(saved[name])
+        for name, parameter in parameters.items():
+            parameter.copy_(saved[name])
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,7 @@ def tune_block_tables(
         return total / max(energy, 1e-30)
 
     with tunable_tables(block) as tunables:
-        saved = table_copies(tunables)
+        saved = copies(tables(tunables))
         before = check_error()
         parameters = [t.table for t in tunables.values()]
         optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -255,7 +260,7 @@ def tune_block_tables(
         after = check_error()
         kept = after < before
         if not kept:
-            restore_tables(tunables, saved)
+            restore(tables(tunables), saved)
     return BlockTuning(before, after, kept)
 
 
@@ -406,12 +411,12 @@ def tune_model_tables(
     for parameter in frozen:
         parameter.requires_grad_(False)
     tuned_norms = norm_parameters(model) if norms else {}
-    norm_copies = {name: p.detach().clone() for name, p in tuned_norms.items()}
     losses = []
     try:
         by_gaps = lr is None and rate == "gaps"
         with tunable_tables(model, by_gaps) as tunables:
-            saved = table_copies(tunables)
+            tuned = {**tables(tunables), **tuned_norms}  # linears' names, norms' weights
+            saved = copies(tuned)
             before = held_out_kl(model, windows, teacher)
             if by_gaps:
                 rates = dict.fromkeys(tunables, GAP_TUNE_MODEL_LR)
@@ -442,10 +447,7 @@ def tune_model_tables(
             after = held_out_kl(model, windows, teacher)
             kept = before is None or after < before
             if not kept:
-                restore_tables(tunables, saved)
-                with torch.no_grad():
-                    for name, parameter in tuned_norms.items():
-                        parameter.copy_(norm_copies[name])
+                restore(tuned, saved)
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
