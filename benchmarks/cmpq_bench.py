@@ -120,7 +120,11 @@ LEVER_VARIANTS = {
     "+ tuned tables (model KL, 60 steps)": {"tune_model": 60, "tune_model_lr": 3e-4},
     "+ tuned tables (model KL, 60 steps, lr 1e-3)": {"tune_model": 60, "tune_model_lr": 1e-3},
     # the rate relative to each linear's weights (the option's auto, 0.6 % of their RMS)
-    "+ tuned tables (model KL, 60 steps, relative lr)": {"tune_model": 60, "tune_model_lr": None},
+    "+ tuned tables (model KL, 60 steps, relative lr)": {
+        "tune_model": 60,
+        "tune_model_lr": None,
+        "tune_model_rate": "weights",  # pinned: auto takes the gaps' rate from 3 bits
+    },
     # the rate a share of each table entry's gaps to its neighbours (finer tables,
     # smaller steps), not of each linear's weight RMS
     "+ tuned tables (model KL, 60 steps, gap-relative lr)": {
@@ -132,6 +136,7 @@ LEVER_VARIANTS = {
     "+ tuned tables and norms (model KL, 60 steps, relative lr)": {
         "tune_model": 60,
         "tune_model_lr": None,
+        "tune_model_rate": "weights",
         "tune_norms": True,
     },
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},

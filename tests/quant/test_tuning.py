@@ -366,3 +366,25 @@ def test_model_tuning_at_rates_relative_to_the_table_gaps_lowers_the_held_out_kl
     assert all(m.lut.dtype == torch.float16 for m in quantized_layers(model).values())
     with pytest.raises(CmpqError, match="`tune_model_rate` must be one of"):
         CMPQConfig(tune_model_rate="bits")
+
+
+@pytest.mark.parametrize("bits, rate", [(2.9, "weights"), (3.0, "gaps")])
+def test_the_auto_rate_tunes_as_the_rate_for_the_budget_does(bits, rate):
+    batch = tiny_batch(1, 24).repeat(6, 1)  # held-out windows the same text: tuning kept
+
+    def tuned_tables(tune_model_rate: str) -> dict[str, torch.Tensor]:
+        model = make_tiny_model("llama")
+        config = CMPQConfig(
+            bits=bits, kmeans_iters=5, tune_model=10, tune_model_rate=tune_model_rate
+        )
+        tuning = quantize(model, config, calibration=batch, progress=False).tuning["model"]
+        assert tuning["kept"]
+        return {n: m.lut for n, m in quantized_layers(model).items()}
+
+    auto = tuned_tables("auto")
+    assert CMPQConfig(bits=bits).model_tuning_rate == rate
+    assert CMPQConfig(bits=bits, tune_model_rate="weights").model_tuning_rate == "weights"
+    for name, lut in tuned_tables(rate).items():
+        assert torch.equal(auto[name], lut)
+    other = tuned_tables("gaps" if rate == "weights" else "weights")
+    assert any(not torch.equal(auto[n], lut) for n, lut in other.items())

@@ -243,7 +243,7 @@ def quantize_cmpq(
             lr,
             progress,
             config.tune_norms,
-            config.tune_model_rate,
+            config.model_tuning_rate,
         )
         report.tuning["model"] = dataclasses.asdict(tuning)
         del teacher
