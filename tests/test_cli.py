@@ -460,3 +460,18 @@ def test_the_demo_cites_the_committed_calibration_measurements():
         "uses 128 and 60 steps of model tuning)."
     )
     assert demo_calibration_note("other-model", 4.0, 16).endswith("uses 128).")  # untuned
+
+
+def test_with_model_tuning_the_auto_outliers_stay_the_paper_s_to_3_3_bits():
+    from cmpq.config import PAPER_OUTLIERS, CMPQConfig, default_outlier_fractions
+
+    paper = (PAPER_OUTLIERS["outliers_act"], PAPER_OUTLIERS["outliers_q"])
+    assert default_outlier_fractions(3.0, tuned=True) == default_outlier_fractions(3.3, tuned=True)
+    assert default_outlier_fractions(3.3, tuned=True) == paper
+    assert default_outlier_fractions(3.0) == pytest.approx((0.0005, 0.001))
+    assert sum(default_outlier_fractions(3.65, tuned=True)) == pytest.approx(sum(paper) / 2)
+    assert default_outlier_fractions(4.0, tuned=True) == (0.0, 0.0)
+    assert CMPQConfig(bits=3.0).with_model_tuning(whole=True).outlier_fractions == paper
+    streamed = CMPQConfig(bits=3.0).with_model_tuning(whole=False)
+    assert streamed.outlier_fractions == pytest.approx((0.0005, 0.001))
+    assert CMPQConfig(bits=3.0, outliers_q=0.002, tune_model=60).outlier_fractions[1] == 0.002
