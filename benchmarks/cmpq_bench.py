@@ -89,11 +89,10 @@ BEYOND = [
     if (name in LATE) == late
 ]
 
-# cmpq's defaults (not the paper's) before model tuning became one (auto, up to 2.75 bits):
-# the suites measure each lever against them, so their rows keep their meaning
-# the defaults' fields that PAPER_METHOD (each row's base) sets otherwise; the outliers
-# auto (by budget) since 00f0c52 — rows before it at 3 bits and above kept the paper's
-# 0.45 % (their JSON configs say so)
+# cmpq's defaults untuned: the fields PAPER_METHOD (each row's base) sets otherwise. The
+# suites measure each lever against them, so their rows keep their meaning. The outliers
+# auto (by budget) since 00f0c52; rows before it at 3 bits and above kept the paper's
+# 0.45 % (their JSON configs say so).
 DEFAULTS = {
     "allocation": "rd-layer",
     "error_feedback": True,
