@@ -147,6 +147,29 @@ LEVER_VARIANTS = {
         "tune_model_rate": "weights",
         "tune_norms": True,
     },
+    # the same with each linear's fp16 outlier values tuned too (at the linear's
+    # weight-relative rate, whichever rate the tables take; stored as before)
+    "+ tuned tables and outliers (model KL, 60 steps, relative lr)": {
+        "tune_model": 60,
+        "tune_model_lr": None,
+        "tune_model_rate": "weights",
+        "tune_outliers": True,
+    },
+    "+ tuned tables and outliers (model KL, 60 steps, gap-relative lr)": {
+        "tune_model": 60,
+        "tune_model_lr": None,
+        "tune_model_rate": "gaps",
+        "tune_outliers": True,
+    },
+    # ... with more of them to tune: O_q 1 % (the paper's O_act 0.05 %)
+    "+ tuned tables and outliers, O_q 1 % (model KL, 60 steps, relative lr)": {
+        "tune_model": 60,
+        "tune_model_lr": None,
+        "tune_model_rate": "weights",
+        "tune_outliers": True,
+        "outliers_act": 0.0005,
+        "outliers_q": 0.01,
+    },
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
     # both stream: each block's tables fit to the full-precision block on the quantized
     # blocks' outputs (the inputs it will get)
@@ -184,6 +207,12 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (3.3, "+ tuned tables (model KL, 60 steps, gap-relative lr)"),
         (2.5, "+ tuned tables (model KL, 60 steps, gap-relative lr)"),
         (3.0, "+ tuned tables (model KL, 60 steps, gap-relative lr)"),
+        # the outlier values tuned with the tables (free: fp16 as stored before)
+        (2.5, "+ tuned tables and outliers (model KL, 60 steps, relative lr)"),
+        (2.0, "+ tuned tables and outliers (model KL, 60 steps, relative lr)"),
+        (3.0, "+ tuned tables and outliers (model KL, 60 steps, gap-relative lr)"),
+        (2.5, "+ tuned tables and outliers, O_q 1 % (model KL, 60 steps, relative lr)"),
+        (2.0, "+ tuned tables and outliers, O_q 1 % (model KL, 60 steps, relative lr)"),
     ]
 ]
 

@@ -237,6 +237,11 @@ class CMPQConfig:
         "model tuning also tunes the norm weights (stored in fp16 as before, no extra bits)",
         optional=True,
     )
+    tune_outliers: bool = option(
+        False,
+        "model tuning also tunes the outlier values (stored in fp16 as before, no extra bits)",
+        optional=True,
+    )
     tune_tables_lr: float = option(1e-3, "learning rate of block table tuning (Adam, cosine decay)")
     tune_model_lr: float | None = option(
         None,

@@ -71,27 +71,34 @@ def test_entry_gaps_are_the_mean_distance_to_each_entry_s_neighbours_in_its_tabl
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("by_gaps", [False, True])
-def test_a_tunable_linear_s_gradients_are_autograd_s_through_the_rebuilt_weight(bias, by_gaps):
+@pytest.mark.parametrize("by_gaps, tune_outliers", [(False, False), (True, False), (False, True)])
+def test_a_tunable_linear_s_gradients_are_autograd_s_through_the_rebuilt_weight(
+    bias, by_gaps, tune_outliers
+):
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(30, 20, generator=generator)
     energy = torch.rand(20, generator=generator) + 0.1
     bits = torch.randint(1, 4, (20,), generator=generator)
     layer = quantize_layer(weight, bits, energy, layout="column", act_outliers=3, q_outliers=4)
     quantized = QuantizedLinear.from_layer(layer, torch.randn(30) if bias else None)
-    tunable = TunableLinear(quantized, by_gaps)
+    tunable = TunableLinear(quantized, by_gaps, tune_outliers)
     assert torch.equal(tunable.fp16_table(), quantized.lut)  # the same tables either way
+    assert tunable.outliers.requires_grad == tune_outliers
     x = torch.randn(2, 5, 20, generator=generator, requires_grad=True)
     upstream = torch.randn(2, 5, 30, generator=generator)
     (tunable(x) * upstream).sum().backward()
     # the reference: autograd through the gather, the outliers written over, and F.linear
     table = tunable.table.detach().clone().requires_grad_()
+    outliers = tunable.outliers.detach().clone().requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    rebuilt = tunable.rebuild(table)
+    rebuilt = tunable.rebuild(table, outliers)
     (F.linear(x_ref, rebuilt, tunable.bias) * upstream).sum().backward()
     torch.testing.assert_close(tunable.table.grad, table.grad)
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert table.grad.abs().sum() > 0
+    if tune_outliers:
+        torch.testing.assert_close(tunable.outliers.grad, outliers.grad)
+        assert outliers.grad.abs().min() > 0
 
 
 def _codes_and_tables(model):
@@ -391,3 +398,39 @@ def test_the_auto_rate_tunes_as_the_rate_for_the_budget_does(bits, rate):
         assert torch.equal(auto[name], lut)
     other = tuned_tables("gaps" if rate == "weights" else "weights")
     assert any(not torch.equal(auto[n], lut) for n, lut in other.items())
+
+
+def test_model_tuning_with_outliers_moves_them_in_fp16_and_stores_the_same_bits():
+    batch = tiny_batch(1, 24).repeat(6, 1)  # held-out windows the same text: tuning kept
+    results = {}
+    for tune_outliers in (False, True):
+        model = make_tiny_model("qwen2")
+        config = CMPQConfig(
+            bits=3.5, kmeans_iters=5, tune_model=60, outliers_q=0.02, tune_outliers=tune_outliers
+        )
+        report = quantize(model, config, calibration=batch, progress=False)
+        values = {n: m.outlier_values for n, m in quantized_layers(model).items()}
+        results[tune_outliers] = (report, values)
+    (plain, loaded), (report, tuned) = results[False], results[True]
+    assert plain.tuning["model"]["outlier_values"] == 0
+    count = sum(v.numel() for v in tuned.values())
+    assert report.tuning["model"]["outlier_values"] == count > 0
+    assert all(v.dtype == torch.float16 for v in tuned.values())
+    moved = sum(int((tuned[n] != loaded[n]).sum()) for n in tuned)
+    assert moved > count // 2  # the untuned run keeps them as quantization chose them
+    assert report.tuning["model"]["kept"] and report.stored_bits == plain.stored_bits
+    assert report.tuning["model"]["held_out_after"] < plain.tuning["model"]["held_out_after"]
+
+
+def test_outliers_tuned_with_tables_that_raise_the_held_out_kl_are_undone():
+    batch = tiny_batch(8, 16)
+    outliers = {"outliers_act": 0.0005, "outliers_q": 0.02}
+    config = CMPQConfig(bits=3.5, kmeans_iters=5, tune_model=0, **outliers)
+    plain, wrecked = make_tiny_model("llama"), make_tiny_model("llama")
+    quantize(plain, config, calibration=batch, progress=False)
+    wrecking = replace(config, tune_model=5, tune_model_lr=1.0, tune_outliers=True)
+    tuning = quantize(wrecked, wrecking, calibration=batch, progress=False).tuning["model"]
+    assert not tuning["kept"] and tuning["outlier_values"] > 0
+    loaded = quantized_layers(plain)
+    for name, layer in quantized_layers(wrecked).items():
+        assert torch.equal(layer.outlier_values, loaded[name].outlier_values)

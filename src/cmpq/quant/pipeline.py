@@ -244,6 +244,7 @@ def quantize_cmpq(
             progress,
             config.tune_norms,
             config.model_tuning_rate,
+            config.tune_outliers,
         )
         report.tuning["model"] = dataclasses.asdict(tuning)
         del teacher

@@ -14,7 +14,9 @@ at no cost in storage. Two passes use this (docs/decisions.md):
   hidden states on those windows (:func:`teacher_states`), not by a copy. The KL
   is checked on calibration windows held out of the steps, before and after:
   tables that do not lower it are put back as they were. Optionally the model's
-  norm weights move with them (:func:`norm_parameters`), stored in fp16 as before.
+  norm weights move with them (:func:`norm_parameters`), stored in fp16 as before,
+  and the fp16 outlier values (each linear's, by :class:`TunableLinear`'s
+  ``outliers``), stored as before too.
 
 While tuning, each :class:`~cmpq.runtime.qlinear.QuantizedLinear` is swapped for
 a :class:`TunableLinear` whose weight is rebuilt from its float32 tables on every
@@ -45,8 +47,9 @@ HELD_OUT_WINDOWS = 2  # calibration windows model tuning checks on and never ste
 
 
 class _TableLinear(torch.autograd.Function):
-    """``F.linear(x, weight, bias)`` with the weight rebuilt from ``table`` by
-    ``tunable``, saving only ``x`` and the table for the backward pass, which rebuilds
+    """``F.linear(x, weight, bias)`` with the weight rebuilt from ``table`` and the
+    outlier values ``outliers`` by ``tunable``, saving only ``x``, the table and the
+    outliers for the backward pass, which rebuilds
     the weight again: between forward and backward a linear holds no float32 weight
     (with autograd's own ``take``, 12 bytes a weight with its int64 index). The
     tables' gradient is summed per entry by ``bincount``: the same sums as
@@ -54,24 +57,29 @@ class _TableLinear(torch.autograd.Function):
     11 ms for a 1536 x 576 weight, where that scatter took about 40 % of a step)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, table: torch.Tensor, tunable: TunableLinear):
+    def forward(
+        ctx, x: torch.Tensor, table: torch.Tensor, outliers: torch.Tensor, tunable: TunableLinear
+    ):
         ctx.tunable = tunable
-        ctx.save_for_backward(x, table)
-        return F.linear(x, tunable.rebuild(table), tunable.bias)
+        ctx.save_for_backward(x, table, outliers)
+        return F.linear(x, tunable.rebuild(table, outliers), tunable.bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, table = ctx.saved_tensors
+        x, table, outliers = ctx.saved_tensors
         tunable = ctx.tunable
-        grad_x = grad @ tunable.rebuild(table) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ tunable.rebuild(table, outliers) if ctx.needs_input_grad[0] else None
         grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        if tunable.outlier_values.numel():  # outliers are stored apart: no table entry
+        grad_outliers = None
+        if outliers.numel():  # outliers are stored apart: no table entry
+            if ctx.needs_input_grad[2]:
+                grad_outliers = grad_weight[tunable.outlier_rows, tunable.outlier_cols]
             grad_weight[tunable.outlier_rows, tunable.outlier_cols] = 0
         flat = grad_weight.reshape(-1)
         grad_table = torch.bincount(tunable.positions, flat, minlength=table.numel())
         if tunable.scale is not None:  # the parameter is in units of each entry's scale
             grad_table = grad_table * tunable.scale
-        return grad_x, grad_table.to(table.dtype), None
+        return grad_x, grad_table.to(table.dtype), grad_outliers, None
 
 
 class TunableLinear(nn.Module):
@@ -85,9 +93,12 @@ class TunableLinear(nn.Module):
     With ``by_gaps``, the parameter is each entry in units of its own
     :func:`entry_gaps` (the table is ``table * scale``), so one learning rate moves
     every entry by the same share of the gaps around it: Adam steps each parameter
-    by about the rate, whatever its gradient's size."""
+    by about the rate, whatever its gradient's size. With ``tune_outliers``, the fp16
+    outlier values are a float32 parameter too (``outliers``); else a buffer."""
 
-    def __init__(self, quantized: QuantizedLinear, by_gaps: bool = False) -> None:
+    def __init__(
+        self, quantized: QuantizedLinear, by_gaps: bool = False, tune_outliers: bool = False
+    ) -> None:
         super().__init__()
         layer = quantized.layer()
         device = quantized.lut.device
@@ -99,7 +110,11 @@ class TunableLinear(nn.Module):
         self.register_buffer("positions", positions.reshape(-1).to(device, torch.int32))
         self.register_buffer("outlier_rows", layer.outlier_rows.to(device))
         self.register_buffer("outlier_cols", layer.outlier_cols.to(device))
-        self.register_buffer("outlier_values", layer.outlier_values.float().to(device))
+        values = layer.outlier_values.float().to(device)  # in the stored (CSR) order
+        if tune_outliers:
+            self.outliers = nn.Parameter(values)
+        else:
+            self.register_buffer("outliers", values)
         lut = quantized.lut.detach().float()
         self.scale = entry_gaps(lut, layer).to(device) if by_gaps else None
         self.table = nn.Parameter(lut.clone() if self.scale is None else lut / self.scale)
@@ -109,21 +124,21 @@ class TunableLinear(nn.Module):
         """The table entries ``table`` (this linear's parameter, or values for it) stand for."""
         return table if self.scale is None else table * self.scale
 
-    def rebuild(self, table: torch.Tensor) -> torch.Tensor:
-        """The weight from ``table`` (this linear's, or values for it), outliers in
-        place."""
+    def rebuild(self, table: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+        """The weight from ``table`` (this linear's, or values for it) with the outlier
+        values ``outliers`` in place."""
         weight = self.values(table).index_select(0, self.positions).view(self.shape)
-        if self.outlier_values.numel():
-            weight = weight.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values)
+        if outliers.numel():
+            weight = weight.index_put((self.outlier_rows, self.outlier_cols), outliers)
         return weight
 
     def weight(self) -> torch.Tensor:
-        """The weight as the tables stand now (no gradient)."""
+        """The weight as the tables and outliers stand now (no gradient)."""
         with torch.no_grad():
-            return self.rebuild(self.table)
+            return self.rebuild(self.table, self.outliers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _TableLinear.apply(x.float(), self.table, self).to(x.dtype)
+        return _TableLinear.apply(x.float(), self.table, self.outliers, self).to(x.dtype)
 
     def fp16_table(self) -> torch.Tensor:
         return self.values(self.table.detach()).half()
@@ -150,32 +165,48 @@ def entry_gaps(lut: torch.Tensor, layer) -> torch.Tensor:
 
 
 @contextmanager
-def tunable_tables(module: nn.Module, by_gaps: bool = False):
+def tunable_tables(module: nn.Module, by_gaps: bool = False, tune_outliers: bool = False):
     """``module``'s quantized linears swapped for :class:`TunableLinear` ones (yields
-    them by name); on exit the originals are back, holding the tuned tables in fp16."""
+    them by name); on exit the originals are back, holding the tuned tables (and
+    outlier values) in fp16."""
     originals = quantized_layers(module)
-    tunables = {name: TunableLinear(q, by_gaps) for name, q in originals.items()}
+    tunables = {name: TunableLinear(q, by_gaps, tune_outliers) for name, q in originals.items()}
     for name, tunable in tunables.items():
         replace_module(module, name, tunable)
     try:
         yield tunables
     finally:
         for name, quantized in originals.items():
-            quantized.lut = tunables[name].fp16_table()  # a new tensor: cached views rebuild
+            tunable = tunables[name]
+            quantized.lut = tunable.fp16_table()  # new tensors: cached views rebuild
+            if tune_outliers and tunable.outliers.numel():
+                quantized.outlier_values = tunable.outliers.detach().half()
             replace_module(module, name, quantized)
 
 
 def round_tables(tunables: dict[str, TunableLinear]) -> None:
-    """Each table rounded to the fp16 value it will be stored as."""
+    """Each table (and tuned outlier value) rounded to the fp16 value it will be
+    stored as."""
     with torch.no_grad():
         for tunable in tunables.values():
             stored = tunable.values(tunable.table).half().float()
             tunable.table.copy_(stored if tunable.scale is None else stored / tunable.scale)
+            tunable.outliers.copy_(tunable.outliers.half().float())
 
 
 def tables(tunables: dict[str, TunableLinear]) -> dict[str, nn.Parameter]:
     """Each linear's table parameter, by the linear's name."""
     return {name: tunable.table for name, tunable in tunables.items()}
+
+
+def outlier_parameters(tunables: dict[str, TunableLinear]) -> dict[str, nn.Parameter]:
+    """Each linear's outlier values, where they are a parameter and there are any, by
+    ``<linear's name>.outliers``."""
+    return {
+        f"{name}.outliers": tunable.outliers
+        for name, tunable in tunables.items()
+        if isinstance(tunable.outliers, nn.Parameter) and tunable.outliers.numel()
+    }
 
 
 def copies(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -283,6 +314,7 @@ class ModelTuning:
     held_out_after: float | None = None
     kept: bool = True
     norm_weights: int = 0  # norm weights tuned with the tables (0: tables only)
+    outlier_values: int = 0  # outlier values tuned with the tables
 
 
 @dataclass
@@ -395,6 +427,7 @@ def tune_model_tables(
     progress: bool = True,
     norms: bool = False,
     rate: str = "weights",
+    outliers: bool = False,
 ) -> ModelTuning:
     """Fit every table of ``model`` (quantized) so its next-token distribution on
     ``windows`` (int64 ``[n, seqlen]``, one per step, cycling over the first
@@ -404,9 +437,10 @@ def tune_model_tables(
     linear's own share of its weights, :func:`relative_rates`, or with ``rate``
     "gaps" :data:`GAP_TUNE_MODEL_LR` of each entry's :func:`entry_gaps`). With
     ``norms``, the norm weights (:func:`norm_parameters`) move too, at
-    :func:`parameter_rates` (or ``lr``). The tables (and norms) end rounded to fp16,
-    and are put back as they were if they did not lower the KL on the held-out
-    windows."""
+    :func:`parameter_rates` (or ``lr``); with ``outliers``, each linear's fp16 outlier
+    values, at the linear's :func:`relative_rates` (or ``lr``). The tables (norms,
+    outliers) end rounded to fp16, and are put back as they were if they did not
+    lower the KL on the held-out windows."""
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -414,15 +448,20 @@ def tune_model_tables(
     losses = []
     try:
         by_gaps = lr is None and rate == "gaps"
-        with tunable_tables(model, by_gaps) as tunables:
-            tuned = {**tables(tunables), **tuned_norms}  # linears' names, norms' weights
+        with tunable_tables(model, by_gaps, outliers) as tunables:
+            tuned_outliers = outlier_parameters(tunables)
+            # linears' names, norms' weights, "<linear>.outliers"
+            tuned = {**tables(tunables), **tuned_norms, **tuned_outliers}
             saved = copies(tuned)
             before = held_out_kl(model, windows, teacher)
-            if by_gaps:
-                rates = dict.fromkeys(tunables, GAP_TUNE_MODEL_LR)
-            else:
-                rates = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
+            by_weights = relative_rates(tunables) if lr is None else dict.fromkeys(tunables, lr)
+            rates = dict.fromkeys(tunables, GAP_TUNE_MODEL_LR) if by_gaps else by_weights
             groups = [{"params": [t.table], "lr": rates[n]} for n, t in tunables.items()]
+            groups += [
+                {"params": [tunables[n].outliers], "lr": by_weights[n]}
+                for n in tunables
+                if f"{n}.outliers" in tuned_outliers
+            ]
             norm_rates = (
                 parameter_rates(tuned_norms) if lr is None else dict.fromkeys(tuned_norms, lr)
             )
@@ -455,4 +494,5 @@ def tune_model_tables(
     first = sum(losses[:tenth]) / tenth if losses else 0.0
     last = sum(losses[-tenth:]) / tenth if losses else 0.0
     count = sum(p.numel() for p in tuned_norms.values())
-    return ModelTuning(first, last, steps, before, after, kept, count)
+    outlier_count = sum(p.numel() for p in tuned_outliers.values())
+    return ModelTuning(first, last, steps, before, after, kept, count, outlier_count)
