@@ -271,6 +271,22 @@ LEVER_COLUMNS = [  # issue 18's levers (cmpq_bench --suite levers), as the READM
     ("+ tuned tables (model KL, 60 steps, relative lr)", "model 60, relative lr"),
     ("+ tuned tables (model KL, 60 steps, gap-relative lr)", "model 60, gap-relative lr"),
     ("+ tuned tables and norms (model KL, 60 steps, relative lr)", "model 60 + norms, relative lr"),
+    (
+        "+ tuned tables and outliers (model KL, 60 steps, relative lr)",
+        "model 60 + outliers, relative lr",
+    ),
+    (
+        "+ tuned tables and outliers (model KL, 60 steps, gap-relative lr)",
+        "model 60 + outliers, gap-relative lr",
+    ),
+    (
+        "+ tuned tables and outliers (model KL, 120 steps, relative lr)",
+        "model 120 + outliers, relative lr",
+    ),
+    (
+        "+ tuned tables and outliers, O_q 1 % (model KL, 60 steps, relative lr)",
+        "model 60 + outliers, O_q 1 %",
+    ),
     ("+ tuned tables (blocks 48 + model 60)", "blocks 48 + model 60"),
     ("+ sequential + tuned tables (blocks, 48 steps)", "sequential + blocks 48"),
 ]
