@@ -371,12 +371,12 @@ def test_model_tuning_follows_the_budget_and_where_the_model_is_unless_given():
     from cmpq.cli import build_parser, config_from_args
     from cmpq.config import PAPER_METHOD, CMPQConfig
 
+    budgets = (2.0, 2.49, 2.5, 3.0, 3.5, 3.6, 4.5)
     steps = {
         (bits, whole): CMPQConfig(bits=bits).with_model_tuning(whole).tune_model
-        for bits in (2.0, 2.49, 2.5, 3.0, 3.5, 3.6, 4.5)
+        for bits in budgets
         for whole in (True, False)
     }
-    budgets = (2.0, 2.49, 2.5, 3.0, 3.5, 3.6, 4.5)
     assert [steps[bits, True] for bits in budgets] == [120, 120, 60, 60, 60, 0, 0]
     assert not any(steps[bits, False] for bits in (2.0, 2.5, 3.5))  # streamed: never
     assert CMPQConfig(bits=4.0, tune_model=5).with_model_tuning(False).tune_model == 5
