@@ -128,7 +128,7 @@ def default_outlier_fractions(bits: float, tuned: bool = False) -> tuple[float, 
 # (the default budget), twice the steps: at 2.0 bits on smollm2-135m 120 steps measured
 # 12 % / 7 % better than 60 (WikiText-2 / C4) for about 5 minutes more (each step is a
 # forward and backward pass of the whole model on one window); the default budget keeps
-# 60 for time (575 s on two cores tables alone; 674 s measured with tuned outliers).
+# 60 for time (506 s on two cores with tuned outliers at 462cd5e, under the 10 minutes).
 AUTO_TUNE_MODEL_STEPS = 60
 AUTO_TUNE_MODEL_MAX_BITS = 3.5
 AUTO_TUNE_MODEL_LOW_BITS_STEPS = 120
