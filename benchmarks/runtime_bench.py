@@ -115,15 +115,13 @@ def synthetic_layer(out_features: int, in_features: int, mix: dict[int, float], 
     outliers = round(OUTLIER_FRACTION * out_features * in_features)
     where = torch.randperm(out_features * in_features, generator=gen)[:outliers].sort().values
     counts = torch.bincount(where // in_features, minlength=out_features)
-    crow = torch.zeros(out_features + 1, dtype=torch.int32)
-    crow[1:] = counts.cumsum(0)
     return {
         "codes": torch.randint(0, 256, (code_bytes,), dtype=torch.uint8, generator=gen),
         "lut": (0.02 * torch.randn(entries, generator=gen)).to(torch.float16),
         "perm": torch.randperm(in_features, generator=gen).to(dtypes["perm"]),
         "group_bits": torch.tensor(widths, dtype=torch.uint8),
         "group_sizes": torch.tensor(sizes, dtype=torch.int32),
-        "outlier_crow": crow,
+        "outlier_counts": counts.to(dtypes["outlier_counts"]),
         "outlier_cols": (where % in_features).to(dtypes["outlier_cols"]),
         "outlier_values": (0.1 * torch.randn(outliers, generator=gen)).to(torch.float16),
     }

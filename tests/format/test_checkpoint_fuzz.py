@@ -123,7 +123,7 @@ ELEMENT_EDITS = (
     ("lut", lambda entry, t: FINITE_FP16, VALID),
     ("outlier_values", lambda entry, t: NON_FINITE, SAME),
     ("outlier_values", lambda entry, t: FINITE_FP16, VALID),
-    ("outlier_crow", lambda entry, t: st.integers(-2, int(t[-1]) + 2), EITHER),
+    ("outlier_counts", lambda entry, t: st.integers(0, 255), EITHER),
     ("outlier_cols", lambda entry, t: st.integers(-3, entry["in_features"] + 3), EITHER),
 )
 

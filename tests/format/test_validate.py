@@ -135,20 +135,21 @@ def _damage_partial_outliers(t):
     del t["outlier_values"]
 
 
-def _damage_crow_start(t):
-    _set(t, "outlier_crow", 0, 1)
+def _damage_counts_more(t):
+    _set(t, "outlier_counts", 0, int(t["outlier_counts"][0]) + 1)
 
 
-def _damage_crow_falling(t):
-    _set(t, "outlier_crow", 3, -1)
+def _damage_counts_fewer(t):
+    row = int(t["outlier_counts"].argmax())
+    _set(t, "outlier_counts", row, int(t["outlier_counts"][row]) - 1)
 
 
-def _damage_crow_end(t):
-    _set(t, "outlier_crow", -1, int(t["outlier_crow"][-1]) + 1)
+def _damage_counts_length(t):
+    t["outlier_counts"] = t["outlier_counts"][:-1]
 
 
-def _damage_crow_length(t):
-    t["outlier_crow"] = t["outlier_crow"][:-1]
+def _damage_counts_dtype(t):
+    t["outlier_counts"] = t["outlier_counts"].to(torch.int32)
 
 
 def _damage_cols_range(t):
@@ -157,7 +158,7 @@ def _damage_cols_range(t):
 
 def _damage_cols_repeated(t):
     # two outliers in one row at one column: which value wins would be arbitrary
-    t["outlier_crow"] = torch.tensor([0] + [2] * OUT, dtype=torch.int32)
+    t["outlier_counts"] = torch.tensor([2] + [0] * (OUT - 1), dtype=torch.uint8)
     t["outlier_cols"] = torch.tensor([4, 4], dtype=t["outlier_cols"].dtype)
     t["outlier_values"] = torch.ones(2, dtype=torch.float16)
 
@@ -181,11 +182,11 @@ DAMAGE = [
     (_damage_dtype, r"group_sizes: expected dtype torch\.int32, found torch\.int64"),
     (_damage_shape, r"lut: expected a 1-D tensor, found shape \[2, \d+\]"),
     (_damage_missing, r"perm: missing from the weights file"),
-    (_damage_partial_outliers, r"outlier_values: missing, but .*outlier_crow is stored"),
-    (_damage_crow_start, r"outlier_crow: expected to start at 0, found 1"),
-    (_damage_crow_falling, r"outlier_crow: expected non-decreasing row pointers, found -1"),
-    (_damage_crow_end, r"outlier_cols: expected \d+ entries \(outlier_crow ends at \d+\)"),
-    (_damage_crow_length, r"outlier_crow: expected 13 entries \(out_features \+ 1\), found 12"),
+    (_damage_partial_outliers, r"outlier_values: missing, but .*outlier_counts is stored"),
+    (_damage_counts_more, r"outlier_cols: expected \d+ entries \(outlier_counts add up to \d+\)"),
+    (_damage_counts_fewer, r"outlier_cols: expected \d+ entries \(outlier_counts add up to \d+\)"),
+    (_damage_counts_length, r"outlier_counts: expected 12 entries \(out_features\), found 11"),
+    (_damage_counts_dtype, r"outlier_counts: expected dtype torch\.uint8, found torch\.int32"),
     (_damage_cols_range, r"outlier_cols: expected indices in 0\.\.19, found -1 at 0"),
     (_damage_cols_repeated, r"outlier_cols: expected increasing columns within a row, found 4"),
     (_damage_outlier_nan, r"outlier_values: expected finite values, found nan at 0"),
@@ -209,8 +210,8 @@ def test_flipped_layout_is_refused_by_the_table_count():
 def test_shape_that_does_not_fit_the_codes_is_refused():
     with pytest.raises(CmpqError, match="codes: expected"):
         _check(_tensors(), out=OUT + 8)  # one more tile of rows
-    with pytest.raises(CmpqError, match="outlier_crow: expected"):
-        _check(_tensors(), out=OUT + 1)  # same tiles: the row pointers tell
+    with pytest.raises(CmpqError, match="outlier_counts: expected"):
+        _check(_tensors(), out=OUT + 1)  # same tiles: the row counts tell
     with pytest.raises(CmpqError, match="group_sizes: expected sizes summing to in_features 21"):
         _check(_tensors(), inp=IN + 1)
 

@@ -11,7 +11,13 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton is imported
     pytest.skip("needs TRITON_INTERPRET=1 from the start", allow_module_level=True)
 
-from cmpq.format.layer import LUTLayer, dequantize_rows, storage_order, to_tensors  # noqa: E402
+from cmpq.format.layer import (  # noqa: E402
+    LUTLayer,
+    dequantize_rows,
+    row_pointers,
+    storage_order,
+    to_tensors,
+)
 from cmpq.runtime import triton_kernels  # noqa: E402
 from cmpq.runtime.triton_kernels import DECODE_TOKENS, triton_linear  # noqa: E402
 
@@ -20,7 +26,8 @@ PREFILL_TOKENS = DECODE_TOKENS + 1
 
 
 def random_tensors(out_features, in_features, widths, outliers):
-    """A random column-layout layer's stored tensors (with ``outlier_base``) and its weight."""
+    """A random column-layout layer's stored tensors (with the kernels' ``outlier_base`` and
+    ``outlier_crow``) and its weight."""
     bits = torch.tensor([widths[i % len(widths)] for i in range(in_features)])
     group_bits, group_sizes, perm, _ = storage_order(bits)
     codes = [
@@ -50,6 +57,7 @@ def random_tensors(out_features, in_features, widths, outliers):
     if outliers:
         plain = dequantize_rows(tensors, out_features, in_features, "column", whole, False)
         tensors["outlier_base"] = plain[rows, cols].half()
+        tensors["outlier_crow"] = row_pointers(tensors["outlier_counts"])
     return tensors, weight
 
 

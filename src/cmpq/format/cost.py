@@ -20,7 +20,7 @@ from .spec import (
     GROUP_HEADER_BITS,
     LUT_ENTRY_BITS,
     OUTLIER_VALUE_BITS,
-    ROW_POINTER_BITS,
+    ROW_COUNT_BITS,
     index_bits,
 )
 
@@ -28,7 +28,7 @@ from .spec import (
 KINDS = {
     "codes": ("codes",),
     "lut": ("lut",),
-    "outliers": ("outlier_crow", "outlier_cols", "outlier_values"),
+    "outliers": ("outlier_counts", "outlier_cols", "outlier_values"),
     "metadata": ("perm", "group_bits", "group_sizes"),
 }
 
@@ -60,7 +60,7 @@ def layer_cost(
     metadata = in_features * index_bits(in_features) + len(group_bits) * GROUP_HEADER_BITS
     outlier_bits = 0
     if outliers:
-        outlier_bits = (out_features + 1) * ROW_POINTER_BITS + outliers * (
+        outlier_bits = out_features * ROW_COUNT_BITS + outliers * (
             OUTLIER_VALUE_BITS + index_bits(in_features)
         )
     return {"codes": codes, "lut": lut, "outliers": outlier_bits, "metadata": metadata}

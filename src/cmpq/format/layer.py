@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .packing import TILE_ROWS, group_byte_offsets, pack_groups, unpack_groups, unpack_tiled
-from .spec import stored_dtypes
+from .spec import MAX_OUTLIERS_PER_ROW, stored_dtypes
 
 
 @dataclass
@@ -101,9 +101,13 @@ def to_tensors(layer: LUTLayer) -> dict[str, torch.Tensor]:
     }
     if layer.outlier_values.numel():
         counts = torch.bincount(layer.outlier_rows, minlength=layer.out_features)
-        crow = torch.zeros(layer.out_features + 1, dtype=dtypes["outlier_crow"])
-        crow[1:] = counts.cumsum(0)
-        tensors["outlier_crow"] = crow
+        if int(counts.max()) > MAX_OUTLIERS_PER_ROW:
+            row = int(counts.argmax())
+            raise ValueError(
+                f"row {row} holds {int(counts[row])} outliers; the format stores at most "
+                f"{MAX_OUTLIERS_PER_ROW} a row"
+            )
+        tensors["outlier_counts"] = counts.to(dtypes["outlier_counts"])
         tensors["outlier_cols"] = layer.outlier_cols.to(dtypes["outlier_cols"])
         tensors["outlier_values"] = layer.outlier_values.to(dtypes["outlier_values"])
     return tensors
@@ -118,7 +122,7 @@ def from_tensors(
     codes = unpack_groups(tensors["codes"], group_bits, out_features, group_sizes)
     luts = group_tables(tensors["lut"], layout, out_features, group_bits, group_sizes)
     if "outlier_values" in tensors:
-        rows = outlier_rows(tensors["outlier_crow"], (0, out_features))
+        rows = outlier_rows(tensors["outlier_counts"], (0, out_features))
         cols = tensors["outlier_cols"].long()
         values = tensors["outlier_values"]
     else:
@@ -155,12 +159,26 @@ def group_tables(
     return [lut[offsets[g] : offsets[g + 1]].view(-1, 2**bits) for g, bits in enumerate(group_bits)]
 
 
-def outlier_rows(crow: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
-    """The row, counted from ``rows[0]``, of each outlier stored for rows
-    ``rows[0]:rows[1]`` (entries ``crow[rows[0]]:crow[rows[1]]``) of a CSR matrix."""
+def row_pointers(counts: torch.Tensor) -> torch.Tensor:
+    """The int32 CSR row pointers (``[out + 1]``, from 0) of the stored per-row outlier
+    ``counts``: row ``i``'s outliers are entries ``pointers[i]:pointers[i + 1]``."""
+    pointers = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    pointers[1:] = counts.to(torch.int64).cumsum(0)
+    return pointers
+
+
+def outlier_entries(counts: torch.Tensor, rows: tuple[int, int]) -> tuple[int, int]:
+    """The entries (``start, end``) of the outliers stored for rows ``rows[0]:rows[1]``."""
     first, stop = rows
-    counts = crow[first : stop + 1].long().diff()
-    return torch.repeat_interleave(torch.arange(stop - first), counts)
+    start = int(counts[:first].sum())
+    return start, start + int(counts[first:stop].sum())
+
+
+def outlier_rows(counts: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """The row, counted from ``rows[0]``, of each outlier stored for rows
+    ``rows[0]:rows[1]`` (the entries :func:`outlier_entries` gives)."""
+    first, stop = rows
+    return torch.repeat_interleave(torch.arange(stop - first), counts[first:stop].long())
 
 
 def dequantize_rows(
@@ -195,10 +213,10 @@ def dequantize_rows(
     perm = tensors["perm"].long()
     weight = assemble(shape, perm, group_offsets(group_sizes), codes, tables, layout)
     if outliers and "outlier_values" in tensors:
-        crow = tensors["outlier_crow"].long()
-        start, end = int(crow[first]), int(crow[stop])
+        counts = tensors["outlier_counts"]
+        start, end = outlier_entries(counts, rows)
         cols = tensors["outlier_cols"][start:end].long()
-        weight[outlier_rows(crow, rows), cols] = tensors["outlier_values"][start:end].float()
+        weight[outlier_rows(counts, rows), cols] = tensors["outlier_values"][start:end].float()
     return weight
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 QUANT_METHOD = "cmpq"  # config.json's quantization_config.quant_method
 FORMATS = ("packed", "dequantized")
 WEIGHTS_FILE = "model.safetensors"
@@ -20,13 +20,14 @@ LAYOUTS = ("row", "column")  # look-up tables per output row per bit-group, or p
 MIN_CODE_BITS, MAX_CODE_BITS = 1, 8
 
 REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
-OUTLIER_NAMES = ("outlier_crow", "outlier_cols", "outlier_values")  # all three or none
+OUTLIER_NAMES = ("outlier_counts", "outlier_cols", "outlier_values")  # all three or none
 STORED_NAMES = REQUIRED_NAMES + OUTLIER_NAMES
 FP16_NAMES = ("lut", "outlier_values")  # stored in fp16 whatever dtype the model runs in
 
 LUT_ENTRY_BITS = 16  # fp16 table entries
 OUTLIER_VALUE_BITS = 16  # fp16
-ROW_POINTER_BITS = 32  # int32 CSR row pointers
+ROW_COUNT_BITS = 8  # uint8 outliers per output row (the CSR row pointers are their sums)
+MAX_OUTLIERS_PER_ROW = 2**ROW_COUNT_BITS - 1  # the outlier selection never puts more in a row
 GROUP_HEADER_BITS = 8 + 32  # uint8 width + int32 column count per bit-group
 
 # Non-quantized parameters are written in fp16; fp32 is what the same format
@@ -53,7 +54,7 @@ def stored_dtypes(in_features: int) -> dict[str, torch.dtype]:
         "perm": index,
         "group_bits": torch.uint8,
         "group_sizes": torch.int32,
-        "outlier_crow": torch.int32,
+        "outlier_counts": torch.uint8,
         "outlier_cols": index,
         "outlier_values": torch.float16,
     }

@@ -171,24 +171,16 @@ def _check_permutation(label: str, perm: torch.Tensor) -> None:
 def _check_outliers(
     name: str, tensors: Mapping[str, torch.Tensor], out_features: int, in_features: int
 ) -> None:
-    """CSR outliers: row pointers from 0, non-decreasing, ending at the entry count;
-    columns in range and strictly increasing within a row (one value per entry)."""
-    crow, cols, values = (tensors[key] for key in OUTLIER_NAMES)
-    _check_length(f"{name}.outlier_crow", crow, out_features + 1, "entries (out_features + 1)")
-    pointers = crow.long()
-    if int(pointers[0]) != 0:
-        raise CmpqError(f"{name}.outlier_crow: expected to start at 0, found {int(pointers[0])}")
-    counts = pointers.diff()
-    falling = (counts < 0).nonzero()
-    if falling.numel():
-        row = int(falling[0])
-        raise CmpqError(
-            f"{name}.outlier_crow: expected non-decreasing row pointers, found "
-            f"{int(pointers[row + 1])} after {int(pointers[row])} at row {row}"
-        )
-    total = f"entries (outlier_crow ends at {int(pointers[-1])})"
-    _check_length(f"{name}.outlier_cols", cols, int(pointers[-1]), total)
-    _check_length(f"{name}.outlier_values", values, int(pointers[-1]), total)
+    """Outliers by row: one count per row (the entries are stored row after row),
+    as many columns and values as the counts add up to; columns in range and
+    strictly increasing within a row (one value per entry)."""
+    row_counts, cols, values = (tensors[key] for key in OUTLIER_NAMES)
+    _check_length(f"{name}.outlier_counts", row_counts, out_features, "entries (out_features)")
+    counts = row_counts.long()
+    stored = int(counts.sum())
+    total = f"entries (outlier_counts add up to {stored})"
+    _check_length(f"{name}.outlier_cols", cols, stored, total)
+    _check_length(f"{name}.outlier_values", values, stored, total)
     _check_indices(f"{name}.outlier_cols", cols, in_features)
     rows = torch.repeat_interleave(torch.arange(out_features), counts)
     columns = cols.long()

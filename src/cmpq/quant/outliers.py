@@ -6,6 +6,8 @@
   error ``|W_ij - Q(W_ij)| * s_j``; the tables are then refitted without them.
 
 ``s_j`` is the RMS activation of input channel j (:func:`activation_scale`).
+Neither puts more than :data:`~cmpq.format.spec.MAX_OUTLIERS_PER_ROW` outliers
+of both kinds in one output row (the format stores a row's count in a byte).
 """
 
 from __future__ import annotations
@@ -13,17 +15,39 @@ from __future__ import annotations
 import torch
 
 from ..format.layer import assemble
+from ..format.spec import MAX_OUTLIERS_PER_ROW
 
 
-def top_entries(score: torch.Tensor, count: int, exclude: torch.Tensor | None) -> torch.Tensor:
-    """Boolean mask of the ``count`` largest scores outside ``exclude`` (``None``:
-    none excluded); ``score``, a temporary of the caller's, is overwritten."""
+def top_entries(
+    score: torch.Tensor,
+    count: int,
+    exclude: torch.Tensor | None,
+    row_limit: int = MAX_OUTLIERS_PER_ROW,
+) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest scores of the ``[rows, columns]`` ``score``
+    outside ``exclude`` (``None``: none excluded), with at most ``row_limit`` entries
+    of the mask and ``exclude`` together in a row (fewer than ``count`` only when the
+    rows have no more room); ``score``, a temporary of the caller's, is overwritten."""
     mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)  # contiguous
     if count <= 0:
         return mask
+    taken = torch.zeros(score.shape[0], dtype=torch.int64, device=score.device)
     if exclude is not None:
         score.masked_fill_(exclude, float("-inf"))
+        taken = exclude.sum(1)
+    room = (row_limit - taken).clamp_min(0)
+    count = min(count, int(torch.minimum(room, score.shape[1] - taken).sum()))
     mask.view(-1)[torch.topk(score.flatten(), count).indices] = True
+    if bool((mask.sum(1) <= room).all()):
+        return mask
+    # a row over its room: the count largest among each row's largest `room` scores
+    # (taking scores largest first while their row has room is optimal, and picks these)
+    width = min(int(room.max()), score.shape[1])
+    best, columns = torch.topk(score, width, dim=1)
+    best[torch.arange(width, device=score.device) >= room.unsqueeze(1)] = float("-inf")
+    chosen = torch.topk(best.flatten(), count).indices
+    mask.zero_()
+    mask[chosen // width, columns.flatten()[chosen]] = True
     return mask
 
 

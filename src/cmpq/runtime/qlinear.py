@@ -6,7 +6,8 @@ The module's buffers are exactly the stored tensors (docs/format.md), so
 ``state_dict``, ``save_pretrained`` and ``load_state_dict`` see the format
 itself; nothing de-quantized is kept between forwards. Derived tensors the
 kernels need (what the codes give at each outlier's position) are small,
-non-persistent buffers, so ``.to(device)`` moves them and the state dict never
+non-persistent buffers (as are the outliers' CSR row pointers, the sums of the
+stored per-row counts), so ``.to(device)`` moves them and the state dict never
 holds them. ``.to(dtype)`` leaves the fp16 tables and outlier values in fp16.
 """
 
@@ -20,6 +21,7 @@ from ..format.layer import (
     dequantize_rows,
     from_tensors,
     outlier_rows,
+    row_pointers,
     table_values_at,
     to_tensors,
 )
@@ -45,6 +47,7 @@ class QuantizedLinear(nn.Module):
         for name in STORED_NAMES:
             self.register_buffer(name, tensors.get(name))
         self.register_buffer("outlier_base", None, persistent=False)
+        self.register_buffer("outlier_crow", None, persistent=False)
         self.bias = (
             nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         )
@@ -80,18 +83,21 @@ class QuantizedLinear(nn.Module):
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors plus ``outlier_base`` (what the codes give at each outlier's
-        position: the kernels add ``x * (value - base)`` there)."""
+        position: the kernels add ``x * (value - base)`` there) and ``outlier_crow`` (the
+        int32 row pointers of the outliers)."""
         tensors = self.stored_tensors()
         if "outlier_values" in tensors:
             if self.outlier_base is None or self._base_source != self._stored_key():
                 self.outlier_base = self._outlier_base().to(self.codes.device)
+                self.outlier_crow = row_pointers(self.outlier_counts)
                 self._base_source = self._stored_key()
             tensors["outlier_base"] = self.outlier_base
+            tensors["outlier_crow"] = self.outlier_crow
         return tensors
 
     def _outlier_base(self) -> torch.Tensor:
         tensors = {name: t.cpu() for name, t in self.stored_tensors().items()}
-        rows = outlier_rows(tensors["outlier_crow"], (0, self.out_features))
+        rows = outlier_rows(tensors["outlier_counts"], (0, self.out_features))
         cols = tensors["outlier_cols"]
         return table_values_at(tensors, self.out_features, self.layout, rows, cols).half()
 
@@ -143,7 +149,8 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)  # copies in place: addresses stay
-        self.outlier_base = self._kernel_layer = self._base_source = self._header = None
+        self.outlier_base = self.outlier_crow = None
+        self._kernel_layer = self._base_source = self._header = None
 
     def extra_repr(self) -> str:
         widths = ",".join(str(int(b)) for b in self.group_bits)
