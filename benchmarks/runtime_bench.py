@@ -102,8 +102,8 @@ def copy_bandwidth() -> float:
 
 def synthetic_layer(out_features: int, in_features: int, mix: dict[int, float], seed: int = 0):
     """Stored tensors of a random column-layout layer: any code byte is a valid code."""
-    from cmpq.format.packing import tiled_nbytes
-    from cmpq.format.spec import stored_dtypes
+    from cmpq.format.packing import pack_codes, tiled_nbytes
+    from cmpq.format.spec import group_index_bits, stored_dtypes
 
     gen = torch.Generator().manual_seed(seed)
     dtypes = stored_dtypes(in_features)
@@ -118,7 +118,12 @@ def synthetic_layer(out_features: int, in_features: int, mix: dict[int, float], 
     return {
         "codes": torch.randint(0, 256, (code_bytes,), dtype=torch.uint8, generator=gen),
         "lut": (0.02 * torch.randn(entries, generator=gen)).to(torch.float16),
-        "perm": torch.randperm(in_features, generator=gen).to(dtypes["perm"]),
+        "column_groups": pack_codes(
+            torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[
+                torch.randperm(in_features, generator=gen)
+            ],
+            group_index_bits(len(sizes)),
+        ),
         "group_bits": torch.tensor(widths, dtype=torch.uint8),
         "group_sizes": torch.tensor(sizes, dtype=torch.int32),
         "outlier_counts": counts.to(dtypes["outlier_counts"]),

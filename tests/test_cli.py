@@ -204,8 +204,9 @@ def test_cmpq_quantize_writes_a_packed_model_that_evaluates(
     assert code == 0, err
     payload = json.loads(report.read_text())
     # no outliers at 4.5 bits to fill the last fraction of a bit: a tiny model's widths
-    # move a whole column at a time
-    assert 4.48 <= payload["effective_bits"] <= 4.5
+    # move a whole column (about 0.1 bits here) at a time, and rd-layer sets aside the
+    # metadata of up to 7 groups a layer (another 0.1 here; 0.004 on smollm2-135m)
+    assert 4.3 <= payload["effective_bits"] <= 4.5
     assert set(payload["bits_breakdown"]) == {"codes", "lut", "outliers", "metadata"}
     assert payload["stored_bytes"] * 8 >= payload["effective_bits"] * payload["quantized_params"]
     assert read_description(out)["format"] == "packed"

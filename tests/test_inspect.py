@@ -41,7 +41,7 @@ def saved(tmp_path_factory, tiny_tokenizer):
     ones to the loudest channels), saved; the model stays in memory."""
     model = make_tiny_model("qwen2")
     batch = tiny_batch(4, 24)
-    config = CMPQConfig(bits=3.3, kmeans_iters=5, **PAPER_METHOD)
+    config = CMPQConfig(bits=3.5, kmeans_iters=5, **PAPER_METHOD)
     report = quantize(model, config, calibration=batch, progress=False)
     out = save_quantized(model, tiny_tokenizer, report, tmp_path_factory.mktemp("q") / "q")
     return model, report, out
@@ -77,7 +77,7 @@ def test_layers_in_block_order_with_histograms_over_all_channels(saved, inspecti
     assert blocks == sorted(blocks)
     for layer in inspection.layers:
         assert sum(layer.histogram.values()) == layer.in_features
-        assert len(layer.histogram) == 2  # 3.3 total bits: two code widths per layer
+        assert len(layer.histogram) == 2  # 3.5 total bits (2.1-bit codes): two widths a layer
 
 
 def test_channel_bits_agree_with_the_quantized_layer(saved, inspection):

@@ -21,8 +21,10 @@ from safetensors import SafetensorError, safe_open
 from .errors import CmpqError
 from .format.cost import stored_bits
 from .format.description import is_cmpq_output, read_description
+from .format.layer import stored_permutation
+from .format.packing import packed_nbytes
 from .format.shards import open_weights
-from .format.spec import REQUIRED_NAMES, STATS_FILE, STORED_NAMES
+from .format.spec import REQUIRED_NAMES, STATS_FILE, STORED_NAMES, group_index_bits
 
 HEATMAP_FILE = "bits_heatmap.png"
 # The dtypes cmpq stores, by their safetensors names: enough to size a tensor from its header.
@@ -117,14 +119,20 @@ def read_layer(
     missing = [key for key in REQUIRED_NAMES if key not in tensors]
     if missing:
         raise ValueError(f"tensor {name}.{missing[0]} is missing")
-    perm, group_bits, group_sizes = (
-        handle.get_tensor(f"{name}.{key}") for key in ("perm", "group_bits", "group_sizes")
-    )
+    stored = {
+        key: handle.get_tensor(f"{name}.{key}")
+        for key in ("column_groups", "group_bits", "group_sizes")
+    }
+    group_bits, group_sizes = stored["group_bits"], stored["group_sizes"]
     in_features = layer["in_features"]
-    if perm.numel() != in_features or int(group_sizes.sum()) != in_features:
+    width = group_index_bits(group_bits.numel())
+    if int(group_sizes.sum()) != in_features or stored["column_groups"].numel() != packed_nbytes(
+        in_features, width
+    ):
         raise ValueError(
             f"{name}: its permutation and bit-groups do not cover {in_features} inputs"
         )
+    perm = stored_permutation(stored)
     if activation is not None and activation.numel() != in_features:
         raise ValueError(f"{name}: its activation statistic has {activation.numel()} channels")
     return LayerInspection(

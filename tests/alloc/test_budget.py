@@ -25,7 +25,7 @@ def test_layer_cost_counts_every_kind():
     cost = layer_cost(LayerShape(4, 10), [2, 3], [8, 2], "row", outliers=3)
     assert cost["codes"] == 8 * 8 * 2 + 8 * 2 * 3  # 4 rows padded to one tile of 8
     assert cost["lut"] == 4 * (4 + 8) * 16
-    assert cost["metadata"] == 10 * 16 + 2 * 40
+    assert cost["metadata"] == 2 * 8 + 2 * 40  # 10 one-bit group indices in 2 bytes
     assert cost["outliers"] == 4 * 8 + 3 * (16 + 16)  # a uint8 count per row
     column = layer_cost(LayerShape(4, 10), [2, 3], [8, 2], "column", outliers=0)
     assert column["lut"] == (8 * 4 + 2 * 8) * 16 and column["outliers"] == 0

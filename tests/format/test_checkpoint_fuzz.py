@@ -116,7 +116,7 @@ def tensor_mutation(
 # (stored name, values given the layer entry and the tensor, expectation)
 ELEMENT_EDITS = (
     ("codes", lambda entry, t: st.integers(0, 255), VALID),
-    ("perm", lambda entry, t: st.integers(-3, entry["in_features"] + 3), SAME),
+    ("column_groups", lambda entry, t: st.integers(0, 255), EITHER),
     ("group_bits", lambda entry, t: st.integers(0, 10), SAME),
     ("group_sizes", lambda entry, t: st.integers(-3, entry["in_features"] + 3), SAME),
     ("lut", lambda entry, t: NON_FINITE, SAME),

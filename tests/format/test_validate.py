@@ -63,10 +63,11 @@ def test_wide_layers_use_int32_indices_and_pass():
         iters=1,
     )
     tensors = to_tensors(layer)
-    assert tensors["perm"].dtype == tensors["outlier_cols"].dtype == torch.int32
+    assert tensors["outlier_cols"].dtype == torch.int32
     check_layer_tensors(NAME, tensors, 1, in_features, "row")
-    tensors["perm"] = tensors["perm"].to(torch.int16)  # wraps past 32767
-    with pytest.raises(CmpqError, match=r"perm: expected dtype torch\.int32, found torch\.int16"):
+    tensors["outlier_cols"] = tensors["outlier_cols"].to(torch.int16)  # wraps past 32767
+    expected = r"outlier_cols: expected dtype torch\.int32, found torch\.int16"
+    with pytest.raises(CmpqError, match=expected):
         check_layer_tensors(NAME, tensors, 1, in_features, "row")
 
 
@@ -75,12 +76,12 @@ def _set(tensors, key, index, value):
     tensors[key][index] = value
 
 
-def _damage_perm_duplicate(t):
-    _set(t, "perm", 1, int(t["perm"][0]))
+def _damage_groups_moved(t):
+    _set(t, "column_groups", 0, int(t["column_groups"][0]) ^ 1)  # column 0 to the other group
 
 
-def _damage_perm_range(t):
-    _set(t, "perm", 3, IN)
+def _damage_groups_length(t):
+    t["column_groups"] = t["column_groups"][:-1]
 
 
 def _damage_bits_zero(t):
@@ -128,7 +129,7 @@ def _damage_shape(t):
 
 
 def _damage_missing(t):
-    del t["perm"]
+    del t["column_groups"]
 
 
 def _damage_partial_outliers(t):
@@ -168,8 +169,8 @@ def _damage_outlier_nan(t):
 
 
 DAMAGE = [
-    (_damage_perm_duplicate, r"perm: expected a permutation of 0\.\.19, found duplicate index"),
-    (_damage_perm_range, r"perm: expected indices in 0\.\.19, found 20 at 3"),
+    (_damage_groups_moved, r"column_groups: expected group sizes \[\d+, \d+\], found \[\d+, \d+\]"),
+    (_damage_groups_length, r"column_groups: expected 3 bytes \(20 columns of 1 bits\), found 2"),
     (_damage_bits_zero, r"group_bits: expected widths in 1\.\.8, found 0"),
     (_damage_bits_nine, r"group_bits: expected widths in 1\.\.8, found 9"),
     (_damage_sizes_sum, r"group_sizes: expected sizes summing to in_features 20, found 21"),
@@ -181,7 +182,7 @@ DAMAGE = [
     (_damage_lut_inf, r"lut: expected finite values, found -inf at 0"),
     (_damage_dtype, r"group_sizes: expected dtype torch\.int32, found torch\.int64"),
     (_damage_shape, r"lut: expected a 1-D tensor, found shape \[2, \d+\]"),
-    (_damage_missing, r"perm: missing from the weights file"),
+    (_damage_missing, r"column_groups: missing from the weights file"),
     (_damage_partial_outliers, r"outlier_values: missing, but .*outlier_counts is stored"),
     (_damage_counts_more, r"outlier_cols: expected \d+ entries \(outlier_counts add up to \d+\)"),
     (_damage_counts_fewer, r"outlier_cols: expected \d+ entries \(outlier_counts add up to \d+\)"),

@@ -51,8 +51,7 @@ def test_rd_allocation_refuses_what_it_cannot_do():
 
 def test_rd_layer_keeps_each_layer_within_its_paper_budget():
     from cmpq.alloc.budget import solve_budget
-    from cmpq.alloc.paper import paper_code_budgets
-    from cmpq.alloc.rd import column_width_costs, rd_plan
+    from cmpq.alloc.rd import column_width_costs, rd_layer_budgets, rd_plan
     from cmpq.format.cost import LayerShape
 
     generator = torch.Generator().manual_seed(1)
@@ -65,7 +64,7 @@ def test_rd_layer_keeps_each_layer_within_its_paper_budget():
         for name, shape in shapes.items()
     }
     paper = solve_budget(list(shapes.values()), 2.8, "column", 0.004, True)
-    budgets = paper_code_budgets(shapes, paper.code_bits, "column", True)
+    budgets = rd_layer_budgets(shapes, paper.code_bits, 0.004, True)
     plan = rd_plan(shapes, distortions, 2.8, 0.004, layer_budgets=budgets)
     for name, shape in shapes.items():
         index = torch.tensor([RD_WIDTHS.index(int(w)) for w in plan.widths[name]])
@@ -83,7 +82,8 @@ def test_rd_layer_quantizes_a_model_within_budget():
     stats = collect_stats(model, batch, gram=True)
     config = CMPQConfig(bits=4.0, allocation="rd-layer", layout="column", kmeans_iters=5)
     report = quantize(model, config, stats=stats)
-    assert 3.9 <= report.effective_bits <= 4.0
+    # tiny layers: the metadata set aside for up to 7 groups a layer is ~0.1 bits here
+    assert 3.8 <= report.effective_bits <= 4.0
 
 
 def test_thread_executor_keeps_the_order_of_its_items():
@@ -121,3 +121,25 @@ def test_linears_quantized_side_by_side_equal_one_at_a_time():
         torch.set_num_threads(previous)
     assert len(restored[1]) == len(quantizable_linears(make_tiny_model("qwen2")))
     assert all(torch.equal(restored[1][n], restored[2][n]) for n in restored[1])
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5, 4.0, 4.5])
+def test_rd_layer_never_exceeds_the_target_where_metadata_weighs(target):
+    """Few output rows make each column's group index weigh: rd-layer may use more
+    groups than the paper rule it takes its layer budgets from, and sets that aside."""
+    from cmpq.alloc.budget import solve_budget
+    from cmpq.alloc.rd import rd_layer_budgets, rd_plan
+    from cmpq.format.cost import LayerShape
+
+    generator = torch.Generator().manual_seed(2)
+    shapes = {"a": LayerShape(64, 128), "b": LayerShape(96, 128)}
+    distortions = {  # a wide spread of loudness: many widths in a layer
+        name: torch.rand(shape.in_features, 1, generator=generator).double() ** 8
+        * torch.tensor([4.0**-w for w in RD_WIDTHS], dtype=torch.float64)
+        for name, shape in shapes.items()
+    }
+    paper = solve_budget(list(shapes.values()), target, "column", 0.0045, True)
+    budgets = rd_layer_budgets(shapes, paper.code_bits, 0.0045, True)
+    plan = rd_plan(shapes, distortions, target, 0.0045, layer_budgets=budgets)
+    assert plan.total_bits <= target
+    assert any(len(plan.widths[name].unique()) > 2 for name in shapes)  # more than paper's two

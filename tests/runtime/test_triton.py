@@ -16,6 +16,7 @@ from cmpq.format.layer import (  # noqa: E402
     dequantize_rows,
     row_pointers,
     storage_order,
+    stored_permutation,
     to_tensors,
 )
 from cmpq.runtime import triton_kernels  # noqa: E402
@@ -26,8 +27,8 @@ PREFILL_TOKENS = DECODE_TOKENS + 1
 
 
 def random_tensors(out_features, in_features, widths, outliers):
-    """A random column-layout layer's stored tensors (with the kernels' ``outlier_base`` and
-    ``outlier_crow``) and its weight."""
+    """A random column-layout layer's stored tensors (with the kernels' ``perm``,
+    ``outlier_base`` and ``outlier_crow``) and its weight."""
     bits = torch.tensor([widths[i % len(widths)] for i in range(in_features)])
     group_bits, group_sizes, perm, _ = storage_order(bits)
     codes = [
@@ -52,6 +53,7 @@ def random_tensors(out_features, in_features, widths, outliers):
         values,
     )
     tensors = to_tensors(layer)
+    tensors["perm"] = stored_permutation(tensors).to(torch.int16)
     whole = (0, out_features)
     weight = dequantize_rows(tensors, out_features, in_features, "column", whole)
     if outliers:

@@ -101,8 +101,11 @@ def solve_budget(
 
 def top_up_outliers(cost_at, fraction: float, budget: float, params: int) -> tuple[float, int]:
     """The largest outlier fraction from ``fraction`` up whose total ``cost_at`` fits
-    ``budget``: what the code widths leave of the budget buys more fp16 outliers."""
+    ``budget``: what the code widths leave of the budget buys more fp16 outliers.
+    A ``fraction`` of 0 (outliers off) stays 0: what is left stays unspent."""
     cost = cost_at(fraction)
+    if fraction <= 0:
+        return fraction, cost
     per_outlier = OUTLIER_VALUE_BITS + 16
     extra = (budget - cost) / (per_outlier * params)
     while extra > 0:

@@ -11,7 +11,6 @@ import math
 
 import torch
 
-from ..format.cost import LayerShape, layer_cost
 from ..format.spec import MAX_CODE_BITS
 
 
@@ -38,14 +37,3 @@ def paper_groups(in_features: int, code_bits: float, mixed: bool) -> tuple[list[
     pairs = [(lo, in_features - high), (lo + 1, high)]
     pairs = [(b, n) for b, n in pairs if n > 0]
     return [b for b, _ in pairs], [n for _, n in pairs]
-
-
-def paper_code_budgets(
-    shapes: dict[str, LayerShape], code_bits: float, layout: str, mixed: bool
-) -> dict[str, float]:
-    """Bits each layer spends on codes and tables under the paper rule at ``code_bits``."""
-    budgets = {}
-    for name, shape in shapes.items():
-        cost = layer_cost(shape, *paper_groups(shape.in_features, code_bits, mixed), layout, 0)
-        budgets[name] = float(cost["codes"] + cost["lut"])
-    return budgets

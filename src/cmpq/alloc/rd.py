@@ -19,6 +19,7 @@ from ..format.cost import LayerShape, layer_cost
 from ..format.layer import groups_of
 from ..format.spec import LUT_ENTRY_BITS
 from .budget import TotalBits, outlier_count, top_up_outliers
+from .paper import paper_groups
 
 RD_WIDTHS = (1, 2, 3, 4, 5, 6, 8)
 
@@ -69,6 +70,27 @@ def _rd_reserved_bits(shape: LayerShape, outlier_fraction: float, widths: tuple[
     outliers = outlier_count(shape.out_features, shape.in_features, outlier_fraction)
     empty = layer_cost(shape, list(widths), [0] * len(widths), "column", outliers)
     return empty["outliers"] + empty["metadata"] + 8 * len(widths)
+
+
+def rd_layer_budgets(
+    shapes: dict[str, LayerShape],
+    code_bits: float,
+    outlier_fraction: float,
+    mixed: bool,
+    widths: tuple[int, ...] = RD_WIDTHS,
+) -> dict[str, float]:
+    """Bits each layer may spend on codes and tables under ``rd-layer``: all the paper
+    rule at ``code_bits`` stores for it (column layout, the requested outliers), less
+    what rd's widths may store besides codes and tables (:func:`_rd_reserved_bits`:
+    up to one group per width, where the paper rule has two), so the layers together
+    never exceed the budget the paper rule was solved for."""
+    budgets = {}
+    for name, shape in shapes.items():
+        outliers = outlier_count(shape.out_features, shape.in_features, outlier_fraction)
+        groups = paper_groups(shape.in_features, code_bits, mixed)
+        paper = sum(layer_cost(shape, *groups, "column", outliers).values())
+        budgets[name] = float(paper - _rd_reserved_bits(shape, outlier_fraction, widths))
+    return budgets
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import tiled_nbytes
+from .packing import packed_nbytes, tiled_nbytes
 from .spec import (
     GROUP_HEADER_BITS,
     LUT_ENTRY_BITS,
     OUTLIER_VALUE_BITS,
     ROW_COUNT_BITS,
+    group_index_bits,
     index_bits,
 )
 
@@ -29,7 +30,7 @@ KINDS = {
     "codes": ("codes",),
     "lut": ("lut",),
     "outliers": ("outlier_counts", "outlier_cols", "outlier_values"),
-    "metadata": ("perm", "group_bits", "group_sizes"),
+    "metadata": ("column_groups", "group_bits", "group_sizes"),
 }
 
 
@@ -57,7 +58,8 @@ def layer_cost(
     else:
         lut = sum(size * 2**bits for bits, size in zip(group_bits, group_sizes, strict=True))
         lut *= LUT_ENTRY_BITS
-    metadata = in_features * index_bits(in_features) + len(group_bits) * GROUP_HEADER_BITS
+    column_groups = 8 * packed_nbytes(in_features, group_index_bits(len(group_bits)))
+    metadata = column_groups + len(group_bits) * GROUP_HEADER_BITS
     outlier_bits = 0
     if outliers:
         outlier_bits = out_features * ROW_COUNT_BITS + outliers * (

@@ -14,8 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import TILE_ROWS, group_byte_offsets, pack_groups, unpack_groups, unpack_tiled
-from .spec import MAX_OUTLIERS_PER_ROW, stored_dtypes
+from .packing import (
+    TILE_ROWS,
+    group_byte_offsets,
+    pack_codes,
+    pack_groups,
+    unpack_codes,
+    unpack_groups,
+    unpack_tiled,
+)
+from .spec import MAX_OUTLIERS_PER_ROW, group_index_bits, stored_dtypes
 
 
 @dataclass
@@ -56,10 +64,39 @@ def groups_of(bits_per_channel: torch.Tensor) -> tuple[list[int], list[int]]:
 
 
 def storage_order(bits_per_channel: torch.Tensor):
-    """Bit-group widths and sizes, the column permutation, and the group offsets."""
+    """Bit-group widths and sizes, the column permutation, and the group offsets.
+
+    The permutation is the stable sort of the columns by bit-group, so each
+    column's group index is all a checkpoint stores of it (``column_groups``)."""
     group_bits, group_sizes = groups_of(bits_per_channel)
     perm = torch.argsort(bits_per_channel, stable=True)
     return group_bits, group_sizes, perm, group_offsets(group_sizes)
+
+
+def column_groups(perm: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    """The bit-group index of each original column (int64 ``[in]``)."""
+    groups = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    index = torch.empty_like(groups)
+    index[perm.long().cpu()] = groups
+    return index
+
+
+def permutation_of(groups: torch.Tensor) -> torch.Tensor:
+    """The column permutation (int64) from each column's group index: the stable sort
+    :func:`storage_order` stores the columns in."""
+    return torch.argsort(groups, stable=True)
+
+
+def stored_permutation(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The int64 column permutation of a layer's stored tensors: the ``perm`` a
+    runtime module keeps beside them when there, else decoded from ``column_groups``."""
+    if "perm" in tensors:
+        return tensors["perm"].long()
+    n_groups = tensors["group_bits"].numel()
+    in_features = int(tensors["group_sizes"].sum())
+    packed = tensors["column_groups"].cpu()
+    groups = unpack_codes(packed, group_index_bits(n_groups), in_features).long()
+    return permutation_of(groups).to(tensors["column_groups"].device)
 
 
 def group_dequantize(codes: torch.Tensor, table: torch.Tensor, layout: str) -> torch.Tensor:
@@ -95,7 +132,9 @@ def to_tensors(layer: LUTLayer) -> dict[str, torch.Tensor]:
     tensors = {
         "codes": pack_groups(layer.codes, layer.group_bits),
         "lut": torch.cat([t.flatten() for t in layer.luts]).to(dtypes["lut"]),
-        "perm": layer.perm.to(dtypes["perm"]),
+        "column_groups": pack_codes(
+            column_groups(layer.perm, layer.group_sizes), group_index_bits(len(layer.group_bits))
+        ),
         "group_bits": torch.tensor(layer.group_bits, dtype=dtypes["group_bits"]),
         "group_sizes": torch.tensor(layer.group_sizes, dtype=dtypes["group_sizes"]),
     }
@@ -134,7 +173,7 @@ def from_tensors(
         layout,
         group_bits,
         group_sizes,
-        tensors["perm"].long(),
+        stored_permutation(tensors),
         codes,
         luts,
         rows,
@@ -210,7 +249,7 @@ def dequantize_rows(
     if layout == "row":
         tables = [table[first:stop] for table in tables]
     shape = (stop - first, in_features)
-    perm = tensors["perm"].long()
+    perm = stored_permutation(tensors)
     weight = assemble(shape, perm, group_offsets(group_sizes), codes, tables, layout)
     if outliers and "outlier_values" in tensors:
         counts = tensors["outlier_counts"]
@@ -238,8 +277,9 @@ def table_values_at(
         lut_offsets(layout, out_features, group_bits.tolist(), sizes.tolist())
     )
     starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    stored = torch.empty_like(tensors["perm"], dtype=torch.long)
-    stored[tensors["perm"].long()] = torch.arange(stored.numel())
+    perm = stored_permutation(tensors)
+    stored = torch.empty_like(perm)
+    stored[perm] = torch.arange(stored.numel(), device=perm.device)
     position = stored[cols.long()]
     group = torch.searchsorted(starts, position, right=True) - 1
     bits, column = group_bits[group], position - starts[group]

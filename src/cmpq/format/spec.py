@@ -19,7 +19,7 @@ STATS_FILE = "channel_stats.safetensors"  # informational, never loaded with the
 LAYOUTS = ("row", "column")  # look-up tables per output row per bit-group, or per input column
 MIN_CODE_BITS, MAX_CODE_BITS = 1, 8
 
-REQUIRED_NAMES = ("codes", "lut", "perm", "group_bits", "group_sizes")
+REQUIRED_NAMES = ("codes", "lut", "column_groups", "group_bits", "group_sizes")
 OUTLIER_NAMES = ("outlier_counts", "outlier_cols", "outlier_values")  # all three or none
 STORED_NAMES = REQUIRED_NAMES + OUTLIER_NAMES
 FP16_NAMES = ("lut", "outlier_values")  # stored in fp16 whatever dtype the model runs in
@@ -40,18 +40,28 @@ def index_bits(count: int) -> int:
     return 16 if count <= 2**15 else 32
 
 
+def index_dtype(count: int) -> torch.dtype:
+    """The integer type of :func:`index_bits`."""
+    return torch.int16 if index_bits(count) == 16 else torch.int32
+
+
+def group_index_bits(n_groups: int) -> int:
+    """Bits of each column's bit-group index in ``column_groups`` (at least 1)."""
+    return max(1, (n_groups - 1).bit_length())
+
+
 def stored_dtypes(in_features: int) -> dict[str, torch.dtype]:
     """The dtype of every stored tensor of a layer with ``in_features`` input columns.
 
-    Column indices (the permutation, outlier columns) take int16 when they fit
-    (:func:`index_bits`), as the cost model counts them. The loader requires
-    exactly these dtypes, so the writer and the checks cannot drift.
+    Outlier column indices take int16 when they fit (:func:`index_bits`), as the
+    cost model counts them. The loader requires exactly these dtypes, so the
+    writer and the checks cannot drift.
     """
-    index = torch.int16 if index_bits(in_features) == 16 else torch.int32
+    index = index_dtype(in_features)
     return {
         "codes": torch.uint8,
         "lut": torch.float16,
-        "perm": index,
+        "column_groups": torch.uint8,
         "group_bits": torch.uint8,
         "group_sizes": torch.int32,
         "outlier_counts": torch.uint8,

@@ -20,6 +20,7 @@ import torch
 from ..errors import CmpqError
 from .cost import LayerShape, StoredTotals, layer_cost, stored_bits
 from .description import is_json_int
+from .packing import packed_nbytes, unpack_codes
 from .spec import (
     FLOAT_STORAGE,
     LUT_ENTRY_BITS,
@@ -28,6 +29,7 @@ from .spec import (
     OUTLIER_NAMES,
     REQUIRED_NAMES,
     STORED_NAMES,
+    group_index_bits,
     stored_dtypes,
 )
 
@@ -90,8 +92,7 @@ def check_layer_tensors(
     _check_length(f"{name}.codes", tensors["codes"], cost["codes"] // 8, f"bytes {groups}")
     _check_length(f"{name}.lut", tensors["lut"], cost["lut"] // LUT_ENTRY_BITS, f"entries {groups}")
     _check_finite(f"{name}.lut", tensors["lut"])
-    _check_length(f"{name}.perm", tensors["perm"], in_features, "entries (in_features)")
-    _check_permutation(f"{name}.perm", tensors["perm"])
+    _check_column_groups(name, tensors["column_groups"], sizes, in_features)
     if OUTLIER_NAMES[0] in tensors:
         _check_outliers(name, tensors, out_features, in_features)
 
@@ -157,15 +158,19 @@ def _check_indices(label: str, indices: torch.Tensor, count: int) -> None:
         )
 
 
-def _check_permutation(label: str, perm: torch.Tensor) -> None:
-    count = perm.numel()
-    _check_indices(label, perm, count)
-    repeated = (torch.bincount(perm.long(), minlength=count) > 1).nonzero()
-    if repeated.numel():
-        raise CmpqError(
-            f"{label}: expected a permutation of 0..{count - 1}, found duplicate index "
-            f"{int(repeated[0])}"
-        )
+def _check_column_groups(
+    name: str, packed: torch.Tensor, sizes: list[int], in_features: int
+) -> None:
+    """Each column's group index: the right number of bytes, indices below the group
+    count, and as many columns in each group as ``group_sizes`` says."""
+    label, width = f"{name}.column_groups", group_index_bits(len(sizes))
+    need = packed_nbytes(in_features, width)
+    _check_length(label, packed, need, f"bytes ({in_features} columns of {width} bits)")
+    groups = unpack_codes(packed, width, in_features).long()
+    _check_indices(label, groups, len(sizes))
+    counts = torch.bincount(groups, minlength=len(sizes)).tolist()
+    if counts != sizes:
+        raise CmpqError(f"{label}: expected group sizes {sizes}, found {counts}")
 
 
 def _check_outliers(

@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..alloc.budget import outlier_count, solve_budget
-from ..alloc.paper import paper_allocation, paper_code_budgets
-from ..alloc.rd import RD_WIDTHS, rd_plan
+from ..alloc.paper import paper_allocation
+from ..alloc.rd import RD_WIDTHS, rd_layer_budgets, rd_plan
 from ..calib.looper import (
     BlockInputs,
     BlockIO,
@@ -153,7 +153,9 @@ def plan_allocation(
             paper = solve_budget(
                 list(shapes.values()), config.bits, "column", outlier_fraction, config.mixed
             )
-            layer_budgets = paper_code_budgets(shapes, paper.code_bits, "column", config.mixed)
+            layer_budgets = rd_layer_budgets(
+                shapes, paper.code_bits, outlier_fraction, config.mixed
+            )
         plan = rd_plan(
             shapes, distortions, config.bits, outlier_fraction, layer_budgets=layer_budgets
         )

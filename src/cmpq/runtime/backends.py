@@ -68,7 +68,7 @@ class TorchBackend:
         return None
 
     def forward(self, module, x: torch.Tensor) -> torch.Tensor:
-        tensors = module.stored_tensors()
+        tensors = module.kernel_tensors()  # the stored ones and the decoded permutation
 
         def dequantize(first: int, stop: int) -> torch.Tensor:
             weight = dequantize_rows(

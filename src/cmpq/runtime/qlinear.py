@@ -6,9 +6,10 @@ The module's buffers are exactly the stored tensors (docs/format.md), so
 ``state_dict``, ``save_pretrained`` and ``load_state_dict`` see the format
 itself; nothing de-quantized is kept between forwards. Derived tensors the
 kernels need (what the codes give at each outlier's position) are small,
-non-persistent buffers (as are the outliers' CSR row pointers, the sums of the
-stored per-row counts), so ``.to(device)`` moves them and the state dict never
-holds them. ``.to(dtype)`` leaves the fp16 tables and outlier values in fp16.
+non-persistent buffers (as are the column permutation, decoded from the stored
+group index of each column, and the outliers' CSR row pointers, the sums of
+the stored per-row counts), so ``.to(device)`` moves them and the state dict
+never holds them. ``.to(dtype)`` leaves the fp16 tables and outlier values in fp16.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from ..format.layer import (
     from_tensors,
     outlier_rows,
     row_pointers,
+    stored_permutation,
     table_values_at,
     to_tensors,
 )
-from ..format.spec import FP16_NAMES, STORED_NAMES
+from ..format.spec import FP16_NAMES, STORED_NAMES, index_dtype
 from .backends import default_backend, resolve
 
 
@@ -46,6 +48,7 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features, self.layout = out_features, in_features, layout
         for name in STORED_NAMES:
             self.register_buffer(name, tensors.get(name))
+        self.register_buffer("perm", None, persistent=False)
         self.register_buffer("outlier_base", None, persistent=False)
         self.register_buffer("outlier_crow", None, persistent=False)
         self.bias = (
@@ -54,7 +57,7 @@ class QuantizedLinear(nn.Module):
         self.backend = backend or default_backend()
         self._resolved: tuple | None = None  # (backend name, device, layout) -> implementation
         self._kernel_layer: tuple | None = None  # (tensor addresses, ctypes struct)
-        self._base_source: tuple | None = None  # the tensors outlier_base was computed from
+        self._derived_source: tuple | None = None  # the tensors perm etc. were computed from
         self._header: tuple | None = None  # (tensor identities, group widths and counts)
 
     @classmethod
@@ -82,21 +85,28 @@ class QuantizedLinear(nn.Module):
         return tuple(id(self._buffers[name]) for name in STORED_NAMES)
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors plus ``outlier_base`` (what the codes give at each outlier's
-        position: the kernels add ``x * (value - base)`` there) and ``outlier_crow`` (the
-        int32 row pointers of the outliers)."""
+        """The stored tensors plus ``perm`` (the column permutation, int16 or int32),
+        ``outlier_base`` (what the codes give at each outlier's position: the kernels
+        add ``x * (value - base)`` there) and ``outlier_crow`` (the int32 row pointers
+        of the outliers), computed once for the stored tensors held."""
         tensors = self.stored_tensors()
-        if "outlier_values" in tensors:
-            if self.outlier_base is None or self._base_source != self._stored_key():
-                self.outlier_base = self._outlier_base().to(self.codes.device)
+        if self.perm is None or self._derived_source != self._stored_key():
+            stored = {name: t.cpu() for name, t in tensors.items()}
+            perm = stored_permutation(stored)
+            self.perm = perm.to(index_dtype(self.in_features)).to(self.codes.device)
+            self.outlier_base = self.outlier_crow = None
+            if "outlier_values" in stored:
+                base = self._outlier_base({**stored, "perm": perm})
+                self.outlier_base = base.to(self.codes.device)
                 self.outlier_crow = row_pointers(self.outlier_counts)
-                self._base_source = self._stored_key()
+            self._derived_source = self._stored_key()
+        tensors["perm"] = self.perm
+        if "outlier_values" in tensors:
             tensors["outlier_base"] = self.outlier_base
             tensors["outlier_crow"] = self.outlier_crow
         return tensors
 
-    def _outlier_base(self) -> torch.Tensor:
-        tensors = {name: t.cpu() for name, t in self.stored_tensors().items()}
+    def _outlier_base(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         rows = outlier_rows(tensors["outlier_counts"], (0, self.out_features))
         cols = tensors["outlier_cols"]
         return table_values_at(tensors, self.out_features, self.layout, rows, cols).half()
@@ -143,14 +153,14 @@ class QuantizedLinear(nn.Module):
             if after.dtype != before.dtype:
                 setattr(self, name, before.to(after.device))
         self._kernel_layer = None  # the struct points at the tensors before the move
-        if self.outlier_base is not None:
-            self._base_source = self._stored_key()  # moved with the others: still right
+        if self.perm is not None:
+            self._derived_source = self._stored_key()  # moved with the others: still right
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)  # copies in place: addresses stay
-        self.outlier_base = self.outlier_crow = None
-        self._kernel_layer = self._base_source = self._header = None
+        self.perm = self.outlier_base = self.outlier_crow = None
+        self._kernel_layer = self._derived_source = self._header = None
 
     def extra_repr(self) -> str:
         widths = ",".join(str(int(b)) for b in self.group_bits)
