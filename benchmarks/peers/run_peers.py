@@ -268,7 +268,7 @@ def run_setting(model: str, setting: Setting, args) -> list[dict]:
     logs = cache_dir() / "peers" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{model}-{setting.key.replace(' ', '_')}.log"
-    out = log.with_suffix(".json")
+    out = log.with_suffix(f".{os.getpid()}.json")  # two runs of one setting never share it
     out.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--model", model, "--one", setting.key,
                "--row-out", str(out), "--windows", str(args.windows),
