@@ -81,6 +81,11 @@ def column_groups(perm: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
     return index
 
 
+def unpack_column_groups(packed: torch.Tensor, n_groups: int, in_features: int) -> torch.Tensor:
+    """Inverse of the ``column_groups`` packing: each column's group index (int64)."""
+    return unpack_codes(packed, group_index_bits(n_groups), in_features).long()
+
+
 def permutation_of(groups: torch.Tensor) -> torch.Tensor:
     """The column permutation (int64) from each column's group index: the stable sort
     :func:`storage_order` stores the columns in."""
@@ -92,10 +97,9 @@ def stored_permutation(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     runtime module keeps beside them when there, else decoded from ``column_groups``."""
     if "perm" in tensors:
         return tensors["perm"].long()
-    n_groups = tensors["group_bits"].numel()
     in_features = int(tensors["group_sizes"].sum())
     packed = tensors["column_groups"].cpu()
-    groups = unpack_codes(packed, group_index_bits(n_groups), in_features).long()
+    groups = unpack_column_groups(packed, tensors["group_bits"].numel(), in_features)
     return permutation_of(groups).to(tensors["column_groups"].device)
 
 

@@ -20,7 +20,8 @@ import torch
 from ..errors import CmpqError
 from .cost import LayerShape, StoredTotals, layer_cost, stored_bits
 from .description import is_json_int
-from .packing import packed_nbytes, unpack_codes
+from .layer import unpack_column_groups
+from .packing import packed_nbytes
 from .spec import (
     FLOAT_STORAGE,
     LUT_ENTRY_BITS,
@@ -166,7 +167,7 @@ def _check_column_groups(
     label, width = f"{name}.column_groups", group_index_bits(len(sizes))
     need = packed_nbytes(in_features, width)
     _check_length(label, packed, need, f"bytes ({in_features} columns of {width} bits)")
-    groups = unpack_codes(packed, width, in_features).long()
+    groups = unpack_column_groups(packed, len(sizes), in_features)
     _check_indices(label, groups, len(sizes))
     counts = torch.bincount(groups, minlength=len(sizes)).tolist()
     if counts != sizes:
