@@ -62,9 +62,9 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def test_channel_bits_undo_the_permutation():
-    # stored positions 0-1 are 2-bit, 2 is 3-bit; position k holds original column perm[k]
-    bits = channel_bits(torch.tensor([2, 0, 1]), torch.tensor([2, 3]), torch.tensor([2, 1]))
+def test_channel_bits_follow_each_columns_group():
+    # columns 0 and 2 are in group 0 (2-bit), column 1 in group 1 (3-bit)
+    bits = channel_bits(torch.tensor([0, 1, 0]), torch.tensor([2, 3]))
     assert bits.tolist() == [2, 3, 2]
 
 

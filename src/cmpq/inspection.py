@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import CmpqError
 from .format.cost import stored_bits
 from .format.description import is_cmpq_output, read_description
-from .format.layer import stored_permutation
+from .format.layer import unpack_column_groups
 from .format.packing import packed_nbytes
 from .format.shards import open_weights
 from .format.spec import REQUIRED_NAMES, STATS_FILE, STORED_NAMES, group_index_bits
@@ -78,19 +78,10 @@ class Inspection:
         return self.description.get("config", {}).get("statistic", "activation")
 
 
-def channel_bits(
-    perm: torch.Tensor, group_bits: torch.Tensor, group_sizes: torch.Tensor
-) -> torch.Tensor:
-    """Each input channel's code width, in the original channel order.
-
-    Stored position ``k`` holds original column ``perm[k]``, and the bit-groups
-    cover the stored positions in order, so the widths laid out by group are
-    scattered back through the permutation.
-    """
-    stored = torch.repeat_interleave(group_bits.long(), group_sizes.long())
-    bits = torch.empty_like(stored)
-    bits[perm.long()] = stored
-    return bits
+def channel_bits(groups: torch.Tensor, group_bits: torch.Tensor) -> torch.Tensor:
+    """Each input channel's code width, in the original channel order, from each
+    column's bit-group index (the unpacked ``column_groups``)."""
+    return group_bits.long()[groups.long()]
 
 
 def bits_histogram(bits: torch.Tensor) -> dict[int, int]:
@@ -112,7 +103,7 @@ def placeholder(handle, key: str) -> torch.Tensor:
 def read_layer(
     handle, keys: set[str], name: str, layer: dict, activation: torch.Tensor | None
 ) -> LayerInspection:
-    """Inspect one quantized linear: only its permutation and bit-groups are read."""
+    """Inspect one quantized linear: only its column groups and bit-groups are read."""
     tensors = {
         key: placeholder(handle, f"{name}.{key}") for key in STORED_NAMES if f"{name}.{key}" in keys
     }
@@ -130,9 +121,9 @@ def read_layer(
         in_features, width
     ):
         raise ValueError(
-            f"{name}: its permutation and bit-groups do not cover {in_features} inputs"
+            f"{name}: its column groups and bit-groups do not cover {in_features} inputs"
         )
-    perm = stored_permutation(stored)
+    groups = unpack_column_groups(stored["column_groups"], group_bits.numel(), in_features)
     if activation is not None and activation.numel() != in_features:
         raise ValueError(f"{name}: its activation statistic has {activation.numel()} channels")
     return LayerInspection(
@@ -140,7 +131,7 @@ def read_layer(
         out_features=layer["out_features"],
         in_features=in_features,
         layout=layer["layout"],
-        channel_bits=channel_bits(perm, group_bits, group_sizes),
+        channel_bits=channel_bits(groups, group_bits),
         stored_bytes={kind: bits // 8 for kind, bits in stored_bits(tensors).items()},
         activation=activation,
     )
