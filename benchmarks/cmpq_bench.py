@@ -181,6 +181,29 @@ LEVER_VARIANTS = {
         "outliers_act": 0.0005,
         "outliers_q": 0.01,
     },
+    # the same tokens in twice the steps: each calibration window cut in two halves
+    # (more, smaller Adam updates for the same time)
+    "+ tuned tables and outliers (model KL, 120 steps of 256 tokens, relative lr)": {
+        "tune_model": 120,
+        "tune_model_seqlen": 256,
+        "tune_model_lr": None,
+        "tune_model_rate": "weights",
+        "tune_outliers": True,
+    },
+    "+ tuned tables and outliers (model KL, 240 steps of 256 tokens, relative lr)": {
+        "tune_model": 240,
+        "tune_model_seqlen": 256,
+        "tune_model_lr": None,
+        "tune_model_rate": "weights",
+        "tune_outliers": True,
+    },
+    "+ tuned tables and outliers (model KL, 120 steps of 256 tokens, gap-relative lr)": {
+        "tune_model": 120,
+        "tune_model_seqlen": 256,
+        "tune_model_lr": None,
+        "tune_model_rate": "gaps",
+        "tune_outliers": True,
+    },
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
     # both stream: each block's tables fit to the full-precision block on the quantized
     # blocks' outputs (the inputs it will get)
@@ -225,6 +248,10 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (2.5, "+ tuned tables and outliers, O_q 1 % (model KL, 60 steps, relative lr)"),
         (2.0, "+ tuned tables and outliers, O_q 1 % (model KL, 60 steps, relative lr)"),
         (2.0, "+ tuned tables and outliers (model KL, 120 steps, relative lr)"),
+        # the defaults' tokens in twice the steps (half windows)
+        (2.5, "+ tuned tables and outliers (model KL, 120 steps of 256 tokens, relative lr)"),
+        (2.0, "+ tuned tables and outliers (model KL, 240 steps of 256 tokens, relative lr)"),
+        (3.0, "+ tuned tables and outliers (model KL, 120 steps of 256 tokens, gap-relative lr)"),
     ]
 ]
 

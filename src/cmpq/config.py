@@ -234,6 +234,12 @@ class CMPQConfig:
         "the whole model is in memory, else off)",
         none="auto",
     )
+    tune_model_seqlen: int | None = option(
+        None,
+        "tokens per model-tuning step: each calibration window is cut into pieces this "
+        "long, one a step (a divisor of `calib_seqlen`; auto: the whole window)",
+        none="auto",
+    )
     tune_model_rate: str = option(
         "auto",
         "what model tuning's auto learning rate is a share of: each linear's weight RMS "
@@ -291,6 +297,13 @@ class CMPQConfig:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise CmpqError(f"`{name}` must be at least {least} (got {value})")
+        if self.tune_model_seqlen is not None and (
+            self.tune_model_seqlen < 2 or self.calib_seqlen % self.tune_model_seqlen
+        ):
+            raise CmpqError(
+                "`tune_model_seqlen` must be at least 2 and divide `calib_seqlen` "
+                f"({self.calib_seqlen}; got {self.tune_model_seqlen})"
+            )
         for name in ("tune_tables_lr", "tune_model_lr"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
                 raise CmpqError(f"`{name}` must be in (0, 1] (got {getattr(self, name)})")

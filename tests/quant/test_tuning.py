@@ -24,6 +24,7 @@ from cmpq.quant.tuning import (
     norm_parameters,
     parameter_rates,
     relative_rates,
+    step_windows,
     tune_block_tables,
 )
 from cmpq.runtime.qlinear import QuantizedLinear, quantized_layers
@@ -291,6 +292,33 @@ def test_model_tuning_checks_on_windows_it_never_steps_on():
     assert held_out_windows(128, 60) == (range(60), range(126, 128))
     assert held_out_windows(6, 60) == (range(5), range(5, 6))  # a quarter when few
     assert held_out_windows(3, 2) == (range(2), range(3, 3))  # too few: none held out
+
+
+def test_model_tuning_steps_on_consecutive_pieces_of_each_window():
+    windows = torch.arange(12).reshape(2, 6)
+    assert step_windows(windows, None) is windows and step_windows(windows, 6) is windows
+    assert step_windows(windows, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    with pytest.raises(CmpqError, match="does not divide"):
+        step_windows(windows, 4)
+    with pytest.raises(CmpqError, match="`tune_model_seqlen` must be at least 2 and divide"):
+        CMPQConfig(calib_seqlen=512, tune_model_seqlen=300)
+
+
+def test_model_tuning_on_half_windows_takes_twice_the_steps_for_the_same_tokens():
+    batch = tiny_batch(12, 24)
+    reports = {}
+    for pieces in (None, 12):
+        model = make_tiny_model("qwen2")
+        config = CMPQConfig(
+            bits=2.5, kmeans_iters=5, tune_model=20, calib_seqlen=24, tune_model_seqlen=pieces
+        )
+        reports[pieces] = quantize(model, config, calibration=batch, progress=False)
+    whole, halves = reports[None].tuning["model"], reports[12].tuning["model"]
+    assert whole["steps"] == halves["steps"] == 20
+    # the halves' held-out check is on the last window's two halves, not on 2 windows
+    assert halves["held_out_before"] != pytest.approx(whole["held_out_before"])
+    assert halves["kept"] and halves["held_out_after"] < halves["held_out_before"]
+    assert reports[12].stored_bits == reports[None].stored_bits
 
 
 def test_model_tuning_that_raises_the_held_out_kl_is_undone():

@@ -58,7 +58,13 @@ from .outliers import activation_outliers, activation_scale
 from .report import QuantizationReport
 from .rtn import rtn_dequantize, rtn_quantize, rtn_stored_bits
 from .tables import column_distortions, quantize_layer
-from .tuning import Teacher, teacher_states, tune_block_tables, tune_model_tables
+from .tuning import (
+    Teacher,
+    step_windows,
+    teacher_states,
+    tune_block_tables,
+    tune_model_tables,
+)
 from .workdir import WorkDir
 
 
@@ -240,7 +246,7 @@ def quantize_cmpq(
         tuning = tune_model_tables(
             model,
             teacher,
-            calibration,
+            step_windows(calibration, config.tune_model_seqlen),
             steps,
             lr,
             progress,
@@ -269,7 +275,8 @@ def model_teacher(
         )
     if calibration is None:
         raise CmpqError("`tune_model` needs `calibration` windows")
-    return teacher_states(model, calibration, config.tune_model)
+    windows = step_windows(calibration, config.tune_model_seqlen)
+    return teacher_states(model, windows, config.tune_model)
 
 
 class _Trimming:

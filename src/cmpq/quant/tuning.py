@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..calib.looper import block_device, map_tensors, run_block, windows_per_forward
 from ..config import GAP_TUNE_MODEL_LR, RELATIVE_TUNE_MODEL_LR
+from ..errors import CmpqError
 from ..format.layer import group_tables, table_positions
 from ..models.graph import replace_module
 from ..runtime.qlinear import QuantizedLinear, quantized_layers
@@ -384,6 +385,20 @@ def held_out_windows(count: int, steps: int) -> tuple[range, range]:
     on: the last :data:`HELD_OUT_WINDOWS`, or a quarter of them when few."""
     held = min(HELD_OUT_WINDOWS, count // 4)
     return range(min(steps, count - held)), range(count - held, count)
+
+
+def step_windows(windows: torch.Tensor, seqlen: int | None) -> torch.Tensor:
+    """The windows model tuning steps on: each of ``windows`` (int64 ``[n, length]``)
+    cut into consecutive pieces of ``seqlen`` tokens, in order (``None``: as they are).
+    Shorter pieces give more steps for the same tokens."""
+    if seqlen is None or seqlen == windows.shape[1]:
+        return windows
+    if windows.shape[1] % seqlen:
+        raise CmpqError(
+            f"`tune_model_seqlen` {seqlen} does not divide the calibration windows' "
+            f"{windows.shape[1]} tokens"
+        )
+    return windows.reshape(-1, seqlen)
 
 
 def teacher_states(model: nn.Module, windows: torch.Tensor, steps: int) -> Teacher:
