@@ -304,7 +304,7 @@ def test_model_tuning_steps_on_consecutive_pieces_of_each_window():
         CMPQConfig(calib_seqlen=512, tune_model_seqlen=300)
 
 
-def test_model_tuning_on_half_windows_takes_twice_the_steps_for_the_same_tokens():
+def test_model_tuning_on_half_windows_keeps_its_steps_and_checks_on_the_last_window_s_halves():
     batch = tiny_batch(12, 24)
     reports = {}
     for pieces in (None, 12):
