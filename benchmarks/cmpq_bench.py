@@ -205,6 +205,14 @@ LEVER_VARIANTS = {
         "tune_outliers": True,
     },
     "+ tuned tables (blocks, 48 steps)": {"tune_tables": 48},
+    # every default on (tuning as auto decides), the widths traded between layers too,
+    # each layer's distortion priced by the loss gradient at its outputs; against the
+    # peers suite's default rows (cmpq rd-layer+ef B)
+    "defaults, rd-fisher allocation": {
+        "allocation": "rd-fisher",
+        "tune_model": None,
+        "tune_outliers": True,
+    },
     # both stream: each block's tables fit to the full-precision block on the quantized
     # blocks' outputs (the inputs it will get)
     "+ sequential + tuned tables (blocks, 48 steps)": {"sequential": True, "tune_tables": 48},
@@ -252,6 +260,10 @@ LEVERS = [  # most telling first, so a cut-short run still answers the main ques
         (2.5, "+ tuned tables and outliers (model KL, 120 steps of 256 tokens, relative lr)"),
         (2.0, "+ tuned tables and outliers (model KL, 240 steps of 256 tokens, relative lr)"),
         (3.0, "+ tuned tables and outliers (model KL, 120 steps of 256 tokens, gap-relative lr)"),
+        # bits traded between layers by the loss's gradients (every default on)
+        (2.5, "defaults, rd-fisher allocation"),
+        (3.0, "defaults, rd-fisher allocation"),
+        (2.0, "defaults, rd-fisher allocation"),
     ]
 ]
 

@@ -213,7 +213,9 @@ class CMPQConfig:
         "rd-layer",
         "paper: the same widths in every layer, the extra bit to the loudest channels; "
         "rd: widths for all channels of all layers at once, by measured distortion per bit; "
-        "rd-layer: the same trade within each layer, at the paper's budget per layer",
+        "rd-layer: the same trade within each layer, at the paper's budget per layer; "
+        "rd-fisher: rd with each layer's distortion priced by the loss's gradient at its "
+        "outputs (a backward pass; the whole model in memory)",
         choices=ALLOCATIONS,
     )
     error_feedback: bool = option(

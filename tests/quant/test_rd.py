@@ -143,3 +143,49 @@ def test_rd_layer_never_exceeds_the_target_where_metadata_weighs(target):
     plan = rd_plan(shapes, distortions, target, 0.0045, layer_budgets=budgets)
     assert plan.total_bits <= target
     assert any(len(plan.widths[name].unique()) > 2 for name in shapes)  # more than paper's two
+
+
+def _mean_widths(model) -> dict[str, float]:
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            bits, sizes = module.group_header()
+            widths[name] = sum(b * n for b, n in zip(bits, sizes, strict=True)) / sum(sizes)
+    return widths
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-6])
+def test_rd_fisher_gives_the_bits_to_the_layer_the_loss_cares_about(monkeypatch, scale):
+    import cmpq.quant.pipeline as pipeline
+
+    batch = tiny_batch(3, 20)
+    loud = "model.layers.1.mlp.up_proj"
+    found = {}
+
+    def weights(model, windows, progress=True):
+        found["windows"] = windows.shape
+        return {name: scale if name == loud else 1.0 for name in quantizable_linears(model)}
+
+    monkeypatch.setattr(pipeline, "output_gradient_energy", weights)
+    model = make_tiny_model("llama")
+    config = CMPQConfig(bits=3.0, allocation="rd-fisher", kmeans_iters=5, tune_model=0)
+    report = quantize(model, config, calibration=batch, progress=False)
+    assert found["windows"] == (3, 20)  # all of them: fewer than LOSS_GRADIENT_WINDOWS
+    assert report.effective_bits <= 3.0
+    widths = _mean_widths(model)
+    others = [w for name, w in widths.items() if name != loud]
+    if scale > 1:  # the loss weighs its error a million times more: it gets the most bits
+        assert widths[loud] > 5 > 1 == max(others)
+    else:  # ... a million times less: the narrowest width, the others more
+        assert widths[loud] == min(RD_WIDTHS) < sum(others) / len(others)
+
+
+def test_rd_fisher_refuses_a_model_streamed_one_block_at_a_time():
+    from cmpq.quant.pipeline import loss_weights
+
+    config = CMPQConfig(allocation="rd-fisher")
+    with pytest.raises(CmpqError, match="whole model in memory"):
+        loss_weights(make_tiny_model("llama"), config, tiny_batch(2, 8), object(), False)
+    with pytest.raises(CmpqError, match="`calibration` windows"):
+        loss_weights(make_tiny_model("llama"), config, None, None, False)
+    assert loss_weights(None, CMPQConfig(), None, object(), False) is None  # rd-layer: none

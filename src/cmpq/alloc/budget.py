@@ -20,7 +20,7 @@ from ..format.spec import MAX_CODE_BITS, MIN_CODE_BITS, OUTLIER_VALUE_BITS
 from .paper import paper_groups
 
 MIN_TOTAL_BITS, MAX_TOTAL_BITS = 2.0, 8.0  # what a user may ask for, in total bits per weight
-ALLOCATIONS = ("paper", "rd", "rd-layer")
+ALLOCATIONS = ("paper", "rd", "rd-layer", "rd-fisher")
 
 
 def outlier_count(out_features: int, in_features: int, fraction: float) -> int:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..alloc.budget import outlier_count, solve_budget
 from ..alloc.paper import paper_allocation
 from ..alloc.rd import RD_WIDTHS, rd_layer_budgets, rd_plan
+from ..calib.gradients import output_gradient_energy
 from ..calib.looper import (
     BlockInputs,
     BlockIO,
@@ -154,7 +155,7 @@ def plan_allocation(
                 list(shapes.values()), config.bits, config.layout, outlier_fraction, config.mixed
             )
             return Allocation(budget.code_bits, budget.outlier_fraction)
-        layer_budgets = None
+        layer_budgets = None  # rd and rd-fisher trade bits between layers too
         if config.allocation == "rd-layer":
             paper = solve_budget(
                 list(shapes.values()), config.bits, "column", outlier_fraction, config.mixed
@@ -222,6 +223,7 @@ def quantize_cmpq(
     start = time.perf_counter()
     config = config.with_model_tuning(whole=sink is None)
     teacher = model_teacher(model, config, calibration, sink)
+    weights = loss_weights(model, config, calibration, sink, progress)
     owned = workdir is None
     workdir = WorkDir.temporary() if owned else workdir
     run = _Run(
@@ -235,6 +237,7 @@ def quantize_cmpq(
         KeepInModel() if sink is None else sink,
         workdir,
         hidden_dtype,
+        weights,
     )
     try:
         report = run.quantize()
@@ -279,6 +282,30 @@ def model_teacher(
     return teacher_states(model, windows, config.tune_model)
 
 
+# calibration windows whose loss gradients price each layer's distortion under rd-fisher
+# (16 of 512 tokens: 37 s on smollm2-135m, 2 cores; docs/decisions.md)
+LOSS_GRADIENT_WINDOWS = 16
+
+
+def loss_weights(
+    model: nn.Module, config: CMPQConfig, calibration: torch.Tensor | None, sink, progress: bool
+) -> dict[str, float] | None:
+    """Under ``allocation`` rd-fisher, each linear's loss gradient energy at its
+    outputs (:func:`cmpq.calib.gradients.output_gradient_energy`), by full name;
+    ``None`` for the other allocations."""
+    if config.allocation != "rd-fisher":
+        return None
+    if sink is not None:
+        raise CmpqError(
+            "`allocation` rd-fisher needs the whole model in memory (a backward pass); it "
+            "cannot run while a checkpoint is quantized one block at a time (use `allocation` "
+            "rd-layer or load the model whole)"
+        )
+    if calibration is None:
+        raise CmpqError("`allocation` rd-fisher needs `calibration` windows")
+    return output_gradient_energy(model, calibration[:LOSS_GRADIENT_WINDOWS], progress)
+
+
 class _Trimming:
     """A loader whose every release hands the memory freed back to the system."""
 
@@ -307,6 +334,7 @@ class _Run:
     sink: BlockSink
     workdir: WorkDir
     hidden_dtype: torch.dtype = torch.float32
+    loss_weights: dict[str, float] | None = None  # rd-fisher's, by full linear name
 
     def __post_init__(self) -> None:
         linears = quantizable_linears(self.model)
@@ -391,7 +419,11 @@ class _Run:
                 self.workdir.save_grams(index, measured)
                 for stats in measured.values():
                     stats.gram = None
-            distortions = block_distortions(block, measured, self.config, self.executor)
+            weights = None
+            if self.loss_weights is not None:
+                full = f"{self.prefix}.{index}"
+                weights = {name: self.loss_weights[f"{full}.{name}"] for name in measured}
+            distortions = block_distortions(block, measured, self.config, self.executor, weights)
             return_freed_memory()  # the fits' temporaries, freed on the worker threads
             self.workdir.save_measurement(index, measured, distortions)
 
@@ -623,10 +655,16 @@ def quantize_block_linears(
 
 
 def block_distortions(
-    block: nn.Module, measured: dict[str, ChannelStats], config: CMPQConfig, executor: Executor
+    block: nn.Module,
+    measured: dict[str, ChannelStats],
+    config: CMPQConfig,
+    executor: Executor,
+    loss_weights: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every column's output distortion at each candidate width, by linear name in
-    the block, relative to the layer's output energy.
+    the block: relative to the layer's output energy, or, with ``loss_weights``
+    (the loss gradient energy at each linear's outputs), times that weight, an
+    estimate of what the error adds to the loss.
 
     The O_act outliers the layer will keep are left out of the fits, as they
     will be at quantization time.
@@ -639,6 +677,8 @@ def block_distortions(
         act = outlier_count(*weight.shape, config.outlier_fractions[0])
         keep = ~activation_outliers(weight, activation_scale(energy), act)
         distortion = column_distortions(weight, energy, keep, RD_WIDTHS, seed=config.seed)
+        if loss_weights is not None:
+            return distortion * loss_weights[name]
         # relative to the layer's output energy, so a layer with loud activations does not
         # outbid the rest (summed as absolute output MSE, rd measured 4x worse than paper)
         output_energy = (energy.double() * column_square_sums(weight)).sum()
@@ -696,8 +736,11 @@ def quantize(
         return quantize_rtn(model, config, progress)
     if isinstance(config, CMPQConfig):
         config = config.with_model_tuning(whole=True)
-        tuned = config.tune_tables > 0 or config.tune_model > 0  # these need the windows too
-        if calibration is None and (stats is None or tuned):
+        # tuning and rd-fisher's loss gradients need the windows, not only statistics
+        needs_windows = (
+            config.tune_tables > 0 or config.tune_model > 0 or config.allocation == "rd-fisher"
+        )
+        if calibration is None and (stats is None or needs_windows):
             if tokenizer is None:
                 raise CmpqError("CMPQ needs `calibration` windows or a `tokenizer` to sample them")
             calibration = calibration_batch(tokenizer, model, config)

@@ -1,0 +1,69 @@
+"""How much the loss cares about each linear's outputs: the mean square of the
+next-token loss's gradient at them (a diagonal Fisher, one number per linear).
+
+A rounding error ``ΔW`` in a linear moves its outputs by ``ΔW x``; to second
+order the loss grows by about ``½ E[g²] · E[‖ΔW x‖²]`` where ``g`` is the loss's
+gradient at those outputs (the empirical Fisher standing in for the Hessian,
+its cross terms dropped). The activation-weighted distortions the allocation
+measures are ``E[‖ΔW x‖²]``; multiplied by this number they are priced in the
+loss itself, so bits can be traded between layers (``allocation`` rd-fisher).
+
+It needs the whole model in memory: one forward and backward pass a window,
+with no weight gradients kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.graph import quantizable_linears
+
+
+def output_gradient_energy(
+    model: nn.Module, windows: torch.Tensor, progress: bool = True
+) -> dict[str, float]:
+    """Per quantizable linear (by full name), the mean over windows, tokens and
+    output features of the squared gradient of each window's mean next-token loss
+    at the linear's output.
+
+    ``windows`` is ``[n, seqlen]`` token ids. The model's parameters are left as
+    they were (no gradients stored, ``requires_grad`` restored).
+    """
+    linears = quantizable_linears(model)
+    sums = {name: torch.zeros((), dtype=torch.float64) for name in linears}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook_for(name: str):
+        def add(gradient: torch.Tensor) -> None:
+            sums[name] += gradient.detach().double().square().sum().cpu()
+            counts[name] += gradient.numel()
+
+        def on_forward(_module, _inputs, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(add)
+
+        return on_forward
+
+    def input_needs_gradient(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        return output.detach().requires_grad_(True)  # the only leaf the backward starts from
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in linears.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(input_needs_gradient))
+    needed = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    try:
+        for window in tqdm(windows, desc="loss gradients", unit="window", disable=not progress):
+            ids = window.unsqueeze(0).to(device)
+            model(ids, labels=ids).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in zip(model.parameters(), needed, strict=True):
+            parameter.requires_grad_(flag)
+    missing = [name for name, count in counts.items() if count == 0]
+    if missing:
+        raise RuntimeError(f"no gradient reached {missing[0]} (and {len(missing) - 1} more)")
+    return {name: (sums[name] / counts[name]).item() for name in linears}

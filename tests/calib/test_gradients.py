@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from cmpq.calib.gradients import output_gradient_energy
+from cmpq.models.graph import quantizable_linears
+
+from tiny import make_tiny_model, tiny_batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_gradient_energy_matches_autograd_on_the_outputs(arch):
+    model = make_tiny_model(arch)
+    windows = tiny_batch(3, 16)
+    found = output_gradient_energy(model, windows, progress=False)
+    linears = quantizable_linears(model)
+    assert set(found) == set(linears)
+
+    # reference: the outputs kept by forward hooks, differentiated by torch.autograd.grad
+    # with every parameter requiring gradients (no hooks on tensors, no leaf trick)
+    sums = dict.fromkeys(linears, 0.0)
+    counts = dict.fromkeys(linears, 0)
+    for window in windows:
+        outputs = {}
+        handles = [
+            module.register_forward_hook(
+                lambda _m, _i, out, n=name, kept=outputs: kept.__setitem__(n, out)
+            )
+            for name, module in linears.items()
+        ]
+        ids = window.unsqueeze(0)
+        loss = model(ids, labels=ids).loss
+        for handle in handles:
+            handle.remove()
+        names = list(outputs)
+        gradients = torch.autograd.grad(loss, [outputs[n] for n in names])
+        for name, gradient in zip(names, gradients, strict=True):
+            sums[name] += gradient.double().square().sum().item()
+            counts[name] += gradient.numel()
+    model.zero_grad(set_to_none=True)
+    for name in linears:
+        assert found[name] == pytest.approx(sums[name] / counts[name], rel=1e-5)
+    assert max(found.values()) > 0
+
+
+def test_output_gradient_energy_leaves_the_parameters_as_they_were():
+    model = make_tiny_model("qwen2")
+    model.get_submodule("model.layers.0.mlp.down_proj").weight.requires_grad_(False)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    output_gradient_energy(model, tiny_batch(2, 8), progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
