@@ -260,6 +260,7 @@ BLOCKS = {
     "peers-gemma3-270m": lambda: comparison("gemma3-270m"),
     "levers-smollm2-135m": lambda: levers("smollm2-135m"),
     "levers-gemma3-270m": lambda: levers("gemma3-270m"),
+    "rd-fisher": lambda: rd_fisher(("smollm2-135m", "gemma3-270m")),
 }
 
 
@@ -319,6 +320,33 @@ def levers(model: str = "smollm2-135m") -> list[str]:
             commits += [commit_of(entry)] if entry else []
         commit_cell = f"{commit_of(default)} / {' '.join(sorted(set(commits)))}"
         lines.append(f"| {bits} | " + " | ".join(cells) + f" | {commit_cell} |")
+    return lines
+
+
+RD_FISHER = "defaults, rd-fisher allocation"  # the levers suite's setting, after "B bits: "
+
+
+def rd_fisher(models: tuple[str, ...]) -> list[str]:
+    """The default rows (rd-layer) beside the same defaults with rd-fisher allocation:
+    WikiText-2 / C4 perplexity and the quantization seconds (statistics not counted)."""
+    lines = [
+        "| model | bits | rd-layer (defaults) | rd-fisher | seconds | commits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        measured = by_setting(load(f"levers-{model}-column"))
+        defaults = by_setting(load(f"peers-{model}"))
+        for setting, entry in sorted(measured.items(), key=lambda item: item[1]["bits"]):
+            if not setting.endswith(f" bits: {RD_FISHER}"):
+                continue
+            bits = entry["config"]["bits"]
+            default = defaults[f"{DEFAULT}{bits}"]
+            lines.append(
+                f"| {model} | {bits} | {default['wikitext2']:.2f} / {default['c4']:.2f} "
+                f"| {entry['wikitext2']:.2f} / {entry['c4']:.2f} "
+                f"| {default['seconds']:.0f} / {entry['seconds']:.0f} "
+                f"| {commit_of(default)} / {commit_of(entry)} |"
+            )
     return lines
 
 
