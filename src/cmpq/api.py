@@ -102,7 +102,8 @@ def quantize_checkpoint(
     is read one decoder block at a time and written as it goes, so memory holds
     one block (:mod:`cmpq.quant.streamed`); an interrupted run continues with
     ``resume``. Anything else (a ``.gguf``, a hub id, RTN, ``tune_model``, which
-    tunes the whole quantized model at once) is loaded whole. ``tune_model`` auto
+    tunes the whole quantized model at once, ``allocation`` rd-fisher, whose
+    backward pass runs the whole model) is loaded whole. ``tune_model`` auto
     tunes (at or under 2.75 bits) a local checkpoint only when tuning it whole fits
     in the memory available (:func:`fits_model_tuning`) and ``resume`` is not asked.
     ``max_bytes`` replaces ``config.bits`` by the bits that fill that many bytes;
@@ -133,10 +134,11 @@ def quantize_checkpoint(
     if cmpq and config.tune_model is None:  # auto: tuned when the model can be held whole
         whole = streamed is None or (not resume and fits_model_tuning(model))
         config = config.with_model_tuning(whole)
-    if cmpq and config.tune_model > 0 and streamed is not None:  # tunes the whole model
+    if cmpq and config.needs_whole_model and streamed is not None:
         if resume:
             raise CmpqError(
-                "`resume` cannot continue a run with `tune_model` (it loads the model whole)"
+                "`resume` cannot continue a run with `tune_model` or `allocation` rd-fisher "
+                "(they load the model whole)"
             )
         streamed = None
         model, tokenizer = load_pretrained(spec)

@@ -343,6 +343,12 @@ class CMPQConfig:
         steps = default_tune_model_steps(self.bits) if whole else 0
         return replace(self, tune_model=steps)
 
+    @property
+    def needs_whole_model(self) -> bool:
+        """Whether quantizing takes the whole model in memory at once: model tuning
+        (``tune_model`` as decided; auto counts as off) and rd-fisher's backward pass."""
+        return bool(self.tune_model) or self.allocation == "rd-fisher"
+
     def as_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 

@@ -329,3 +329,21 @@ def test_auto_model_tuning_holds_the_model_whole_only_when_it_pays_and_fits(
     assert len(streamed_runs) == (0 if tuned else 1)
     if tuned:
         assert report.tuning["model"]["steps"] == 60
+
+
+def test_rd_fisher_loads_a_checkpoint_whole_and_cannot_resume(tmp_path, monkeypatch):
+    from cmpq import api
+
+    source = save_checkpoint(tmp_path / "source", "llama")
+    streamed_runs = []
+    monkeypatch.setattr(api, "quantize_streamed", lambda *a, **k: streamed_runs.append(a))
+    config = CMPQConfig(
+        bits=3.0, allocation="rd-fisher", tune_model=0, kmeans_iters=5, calib_samples=4,
+        calib_seqlen=24,
+    )  # fmt: skip
+    report = api.quantize_checkpoint(str(source), tmp_path / "q", config, progress=False)
+    assert not streamed_runs and report.config["allocation"] == "rd-fisher"
+    assert report.effective_bits <= 3.0
+    work_directory(tmp_path / "r").mkdir()
+    with pytest.raises(CmpqError, match="`resume` cannot continue .* rd-fisher"):
+        api.quantize_checkpoint(str(source), tmp_path / "r", config, resume=True, progress=False)
