@@ -20,10 +20,13 @@ def test_output_gradient_energy_matches_autograd_on_the_outputs(arch):
     sums = dict.fromkeys(linears, 0.0)
     counts = dict.fromkeys(linears, 0)
     for window in windows:
-        outputs = {}
+        outputs, inputs = {}, {}
         handles = [
             module.register_forward_hook(
-                lambda _m, _i, out, n=name, kept=outputs: kept.__setitem__(n, out)
+                lambda _m, i, out, n=name, kept=outputs, seen=inputs: (
+                    kept.__setitem__(n, out),
+                    seen.__setitem__(n, i[0].detach()),
+                )[0]
             )
             for name, module in linears.items()
         ]
@@ -34,10 +37,12 @@ def test_output_gradient_energy_matches_autograd_on_the_outputs(arch):
         names = list(outputs)
         gradients = torch.autograd.grad(loss, [outputs[n] for n in names])
         for name, gradient in zip(names, gradients, strict=True):
-            sums[name] += gradient.double().square().sum().item()
-            counts[name] += gradient.numel()
+            token_energy = inputs[name].double().square().sum(-1).flatten()
+            per_token = gradient.double().square().sum(-1).flatten()
+            sums[name] += float((per_token * token_energy).sum())
+            counts[name] += float(token_energy.sum()) * gradient.shape[-1]
     model.zero_grad(set_to_none=True)
-    for name in linears:
+    for name in linears:  # Σ_t ‖g_t‖² ‖x_t‖² / (out · Σ_t ‖x_t‖²)
         assert found[name] == pytest.approx(sums[name] / counts[name], rel=1e-5)
     assert max(found.values()) > 0
 

@@ -24,25 +24,38 @@ from ..models.graph import quantizable_linears
 def output_gradient_energy(
     model: nn.Module, windows: torch.Tensor, progress: bool = True
 ) -> dict[str, float]:
-    """Per quantizable linear (by full name), the mean over windows, tokens and
-    output features of the squared gradient of each window's mean next-token loss
-    at the linear's output.
+    """Per quantizable linear (by full name), the squared gradient of each window's
+    mean next-token loss at the linear's output, per output feature, averaged over
+    the tokens weighted by each token's input energy ``‖x_t‖²``:
+    ``Σ_t ‖g_t‖² ‖x_t‖² / (out_features · Σ_t ‖x_t‖²)``.
+
+    The weighting is what the estimate needs: a rounding error moves token ``t``'s
+    output by ``ΔW x_t``, in proportion to ``‖x_t‖``, so tokens with quiet inputs
+    (whose gradients behind a norm can be huge) add little. Unweighted, gemma3-270m's
+    ``down_proj`` weights came out about 60x larger and the trade starved the other
+    layers (docs/decisions.md).
 
     ``windows`` is ``[n, seqlen]`` token ids. The model's parameters are left as
     they were (no gradients stored, ``requires_grad`` restored).
     """
     linears = quantizable_linears(model)
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in linears}
+    weighted = {name: torch.zeros((), dtype=torch.float64) for name in linears}
+    energy = {name: torch.zeros((), dtype=torch.float64) for name in linears}
     counts = dict.fromkeys(linears, 0)
 
     def hook_for(name: str):
-        def add(gradient: torch.Tensor) -> None:
-            sums[name] += gradient.detach().double().square().sum().cpu()
-            counts[name] += gradient.numel()
+        def on_forward(_module, inputs, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            token_energy = inputs[0].detach().double().square().sum(-1)
 
-        def on_forward(_module, _inputs, output: torch.Tensor) -> None:
-            if output.requires_grad:
-                output.register_hook(add)
+            def add(gradient: torch.Tensor) -> None:
+                per_token = gradient.detach().double().square().sum(-1)
+                weighted[name] += (per_token * token_energy).sum().cpu()
+                energy[name] += token_energy.sum().cpu() * gradient.shape[-1]
+                counts[name] += gradient.numel()
+
+            output.register_hook(add)
 
         return on_forward
 
@@ -66,4 +79,4 @@ def output_gradient_energy(
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise RuntimeError(f"no gradient reached {missing[0]} (and {len(missing) - 1} more)")
-    return {name: (sums[name] / counts[name]).item() for name in linears}
+    return {name: (weighted[name] / energy[name].clamp_min(1e-300)).item() for name in linears}
