@@ -18,7 +18,7 @@ def test_output_gradient_energy_matches_autograd_on_the_outputs(arch):
     # reference: the outputs kept by forward hooks, differentiated by torch.autograd.grad
     # with every parameter requiring gradients (no hooks on tensors, no leaf trick)
     sums = dict.fromkeys(linears, 0.0)
-    counts = dict.fromkeys(linears, 0)
+    energies = dict.fromkeys(linears, 0.0)
     for window in windows:
         outputs, inputs = {}, {}
         handles = [
@@ -40,10 +40,10 @@ def test_output_gradient_energy_matches_autograd_on_the_outputs(arch):
             token_energy = inputs[name].double().square().sum(-1).flatten()
             per_token = gradient.double().square().sum(-1).flatten()
             sums[name] += float((per_token * token_energy).sum())
-            counts[name] += float(token_energy.sum()) * gradient.shape[-1]
+            energies[name] += float(token_energy.sum()) * gradient.shape[-1]
     model.zero_grad(set_to_none=True)
     for name in linears:  # Σ_t ‖g_t‖² ‖x_t‖² / (out · Σ_t ‖x_t‖²)
-        assert found[name] == pytest.approx(sums[name] / counts[name], rel=1e-5)
+        assert found[name] == pytest.approx(sums[name] / energies[name], rel=1e-5)
     assert max(found.values()) > 0
 
 

@@ -1,12 +1,14 @@
-"""How much the loss cares about each linear's outputs: the mean square of the
-next-token loss's gradient at them (a diagonal Fisher, one number per linear).
+"""How much the loss cares about each linear's outputs: the square of the
+next-token loss's gradient at them, averaged over tokens weighted by their input
+energy (a diagonal Fisher, one number per linear).
 
-A rounding error ``ΔW`` in a linear moves its outputs by ``ΔW x``; to second
-order the loss grows by about ``½ E[g²] · E[‖ΔW x‖²]`` where ``g`` is the loss's
-gradient at those outputs (the empirical Fisher standing in for the Hessian,
-its cross terms dropped). The activation-weighted distortions the allocation
-measures are ``E[‖ΔW x‖²]``; multiplied by this number they are priced in the
-loss itself, so bits can be traded between layers (``allocation`` rd-fisher).
+A rounding error ``ΔW`` in a linear moves token ``t``'s output by ``ΔW x_t``; to
+second order the loss grows by about ``½ Σ_t ‖g_t‖² ‖ΔW x_t‖² / out`` where
+``g_t`` is the loss's gradient at that output (the empirical Fisher standing in
+for the Hessian, its cross terms dropped), and ``‖ΔW x_t‖²`` scales with
+``‖x_t‖²``. The activation-weighted distortions the allocation measures are
+``E[‖ΔW x‖²]``; multiplied by this number they are priced in the loss itself,
+so bits can be traded between layers (``allocation`` rd-fisher).
 
 It needs the whole model in memory: one forward and backward pass a window,
 with no weight gradients kept.

@@ -264,6 +264,18 @@ def quantize_cmpq(
     return report
 
 
+def require_whole_model(option: str, remedy: str, sink, calibration) -> None:
+    """Refuse ``option`` (work on the whole model at once: model tuning, rd-fisher's
+    backward pass) while blocks stream to a ``sink``, or without calibration windows."""
+    if sink is not None:
+        raise CmpqError(
+            f"{option} needs the whole model in memory; it cannot run while a checkpoint "
+            f"is quantized one block at a time ({remedy} or load the model whole)"
+        )
+    if calibration is None:
+        raise CmpqError(f"{option} needs `calibration` windows")
+
+
 def model_teacher(
     model: nn.Module, config: CMPQConfig, calibration: torch.Tensor | None, sink
 ) -> Teacher | None:
@@ -271,13 +283,7 @@ def model_teacher(
     will use (``None`` when off)."""
     if not config.tune_model:
         return None
-    if sink is not None:
-        raise CmpqError(
-            "`tune_model` needs the whole model in memory; it cannot run while a checkpoint "
-            "is quantized one block at a time (set `tune_model` 0 or load the model whole)"
-        )
-    if calibration is None:
-        raise CmpqError("`tune_model` needs `calibration` windows")
+    require_whole_model("`tune_model`", "set `tune_model` 0", sink, calibration)
     windows = step_windows(calibration, config.tune_model_seqlen)
     return teacher_states(model, windows, config.tune_model)
 
@@ -295,14 +301,7 @@ def loss_weights(
     ``None`` for the other allocations."""
     if config.allocation != "rd-fisher":
         return None
-    if sink is not None:
-        raise CmpqError(
-            "`allocation` rd-fisher needs the whole model in memory (a backward pass); it "
-            "cannot run while a checkpoint is quantized one block at a time (use `allocation` "
-            "rd-layer or load the model whole)"
-        )
-    if calibration is None:
-        raise CmpqError("`allocation` rd-fisher needs `calibration` windows")
+    require_whole_model("`allocation` rd-fisher", "use `allocation` rd-layer", sink, calibration)
     return output_gradient_energy(model, calibration[:LOSS_GRADIENT_WINDOWS], progress)
 
 
